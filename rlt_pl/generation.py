@@ -1,0 +1,156 @@
+"""Generation engines behind one small interface.
+
+`HFGenerationEngine` wraps `model.generate`: batched, KV-cached, left-padded prompts, temperature / top-p / top-k,
+stop at EOS or at single-token stop strings (e.g. a compact format's end tag). Its output is what GRPO trains on:
+left-padded prompt ids, right-padded sampled ids, and a completion mask that runs up to and including the first
+stop token (spec §3.5). A vLLM engine can implement the same `generate` signature.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling settings.
+
+    Args:
+        max_new_tokens: completion length limit (paper: 16384).
+        temperature: sampling temperature (paper: 0.7); 0 means greedy.
+        top_p: nucleus sampling mass (paper: 1.0).
+        top_k: top-k filter (None: off).
+        stop_strings: strings that end a completion besides EOS; each must be a single token.
+        max_prompt_tokens: prompts longer than this raise a clear error (None: no limit).
+    """
+
+    max_new_tokens: int = 16384
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    max_prompt_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("sampling.max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("sampling.temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("sampling.top_p must be in (0, 1]")
+
+
+@dataclass
+class GenerationOutput:
+    """Prompts and sampled completions, ready for scoring and the GRPO loss.
+
+    Attributes:
+        prompt_ids: [N, P] left-padded prompt ids; prompt_mask [N, P].
+        completion_ids: [N, C] right-padded sampled ids; completion_mask [N, C] (up to and including the stop token).
+        texts: decoded completions without special tokens (what rewards parse).
+        finished: [N] bool, the completion stopped (EOS/stop string) before `max_new_tokens`.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    texts: list[str]
+    finished: Tensor
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def stop_token_ids(tokenizer, stop_strings: Sequence[str]) -> list[int]:
+    """EOS plus the ids of single-token stop strings (clear error when a stop string is several tokens)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for s in stop_strings:
+        enc = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(enc) != 1:
+            raise ValueError(f"stop string {s!r} is {len(enc)} tokens; stop strings must be single tokens")
+        ids.append(enc[0])
+    return list(dict.fromkeys(ids))
+
+
+def completion_mask_from_ids(completion_ids: Tensor, stop_ids: Sequence[int], pad_mask: Tensor | None = None) -> Tensor:
+    """[N, C] mask: 1 up to and including the first stop token; all ones (within `pad_mask`) when none."""
+    is_stop = torch.isin(completion_ids, torch.tensor(list(stop_ids), device=completion_ids.device))
+    if pad_mask is not None:
+        is_stop = is_stop & pad_mask.bool()
+    after = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # strictly after the first stop
+    mask = ~after
+    if pad_mask is not None:
+        mask = mask & pad_mask.bool()
+    return mask.long()
+
+
+class GenerationEngine(ABC):
+    """Samples `n` completions for each prompt (consecutive in the output, as GRPO groups expect)."""
+
+    @abstractmethod
+    def generate(
+        self, model: torch.nn.Module, tokenizer, prompts: Sequence[str], n: int, sampling: SamplingConfig
+    ) -> GenerationOutput: ...
+
+
+class HFGenerationEngine(GenerationEngine):
+    """`transformers` generate: batched, KV-cached, left-padded.
+
+    Args:
+        batch_size: prompts × samples per generate call (None: all at once).
+    """
+
+    def __init__(self, batch_size: int | None = None) -> None:
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(
+        self, model: torch.nn.Module, tokenizer, prompts: Sequence[str], n: int, sampling: SamplingConfig
+    ) -> GenerationOutput:
+        if n < 1:
+            raise ValueError("n (samples per prompt) must be >= 1")
+        repeated = [p for p in prompts for _ in range(n)]
+        enc = tokenizer(repeated, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+        lengths = enc["attention_mask"].sum(-1)
+        if sampling.max_prompt_tokens is not None and int(lengths.max()) > sampling.max_prompt_tokens:
+            raise ValueError(
+                f"a prompt has {int(lengths.max())} tokens > sampling.max_prompt_tokens={sampling.max_prompt_tokens}"
+            )
+        stops = stop_token_ids(tokenizer, sampling.stop_strings)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+        device = next(model.parameters()).device
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
+        if sampling.temperature > 0:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        was_training = model.training
+        model.eval()
+        chunks = []
+        step = self.batch_size or len(repeated)
+        for i in range(0, len(repeated), step):
+            ids = enc["input_ids"][i : i + step].to(device)
+            attn = enc["attention_mask"][i : i + step].to(device)
+            out = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+            chunks.append(out[:, ids.shape[1] :].cpu())
+        model.train(was_training)
+        width = max(c.shape[1] for c in chunks)
+        completion = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+        mask = completion_mask_from_ids(completion, stops)
+        # generate pads finished rows with pad_id, which may equal a stop id: cut after the first stop either way
+        completion = completion.masked_fill(mask == 0, pad_id)
+        finished = (torch.isin(completion, torch.tensor(stops)) & mask.bool()).any(-1)
+        cut = [row[m.bool()].tolist() for row, m in zip(completion, mask)]
+        texts = tokenizer.batch_decode(cut, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return GenerationOutput(enc["input_ids"], enc["attention_mask"], completion, mask, texts, finished)

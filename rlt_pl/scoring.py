@@ -1,0 +1,267 @@
+"""Batched RLT scoring: from questions, solutions and teacher completions to rSS / rKL rewards.
+
+`RLTScorer` owns the frozen student. For a whole generation batch it renders the student contexts (spec §1.7),
+tokenizes them once with exact spans (`rlt_pl.spans`), runs one right-padded student forward chunked by a token
+budget (no left-padding position shift, P12), and packs the solution and explanation log-probs for
+`rlt_pl.rewards.rlt_reward`.
+
+Teacher log-probs come from one of two places:
+- *sampled path* (training): the policy forward GRPO already runs over the sampled ids
+  (`teacher_logprobs_from_policy`), so the reward adds no teacher forward (P17);
+- *text path* (parity, offline scoring): the teacher context `prompt + completion` is re-encoded and the teacher
+  model is run (as the authors do, P3).
+Rows whose sampled explanation tokens differ from the student-side tokenization (non-canonical BPE) are re-scored
+on the text path when a teacher model is available, else scored on their longest common prefix; both are counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from rlt_pl.formats import RLTFormat
+from rlt_pl.rewards import RewardConfig, RewardOutput, pack_masked, rlt_reward, token_logprobs
+from rlt_pl.spans import ByteOffsets, completion_explanation_mask, encode_with_spans, suffix_span_mask
+
+
+@dataclass
+class PackedTokens:
+    """Left-aligned per-row token ids and log-probs of one span: each [B, K]."""
+
+    ids: Tensor
+    logprobs: Tensor
+    mask: Tensor
+
+
+@dataclass
+class ScoreResult:
+    """Reward output plus per-batch counters and the parsed explanations."""
+
+    output: RewardOutput
+    explanations: list[str]
+    matched: Tensor  # [B] bool
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def causal_logprobs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    temperature: float = 1.0,
+    token_budget: int | None = None,
+) -> Tensor:
+    """Token-aligned log-probs `out[:, j] = log p(x_j | x_<j)` (0 at j = 0 and at padding), chunked by tokens.
+
+    Positions come from the attention mask, so left and right padding are both exact (P12). Rows are grouped by
+    length so each chunk holds at most `token_budget` tokens (rows × padded width); padding columns are trimmed.
+    """
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    lengths = attention_mask.sum(-1)
+    order = torch.argsort(lengths, descending=True).tolist()
+    budget = token_budget or input_ids.numel()
+    i = 0
+    while i < len(order):
+        width = int(lengths[order[i]]) or 1
+        n = max(1, budget // width)
+        rows = order[i : i + n]
+        i += len(rows)
+        ids, attn = input_ids[rows], attention_mask[rows]
+        keep = attn.any(0).nonzero().squeeze(-1)  # trim all-padding columns (either side)
+        lo, hi = int(keep.min()) if keep.numel() else 0, int(keep.max()) + 1 if keep.numel() else 1
+        ids, attn = ids[:, lo:hi], attn[:, lo:hi]
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        lp = token_logprobs(logits, ids, temperature) * attn
+        out[rows, lo:hi] = lp.float()
+    return out
+
+
+def teacher_logprobs_from_policy(
+    fmt: RLTFormat,
+    offsets: ByteOffsets,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    completions: Sequence[str],
+    logprobs: Tensor,
+) -> PackedTokens:
+    """Teacher explanation tokens and log-probs from a policy forward over `[prompt ‖ completion]` (sampled ids).
+
+    Args:
+        fmt: the format (explanation tags and padding).
+        offsets: byte offsets of the tokenizer.
+        prompt_ids: [B, P] left-padded prompt ids; prompt_mask [B, P].
+        completion_ids: [B, C] right-padded sampled ids; completion_mask [B, C].
+        completions: decoded completions (`skip_special_tokens=True`), as the reward parses them.
+        logprobs: [B, P + C] token-aligned policy log-probs at the teacher temperature.
+    """
+    ends = []
+    for text in completions:
+        parsed = fmt.parse_completion(text)
+        ends.append(len(text[: parsed.end].encode("utf-8")))
+    comp = completion_explanation_mask(offsets, completion_ids, completion_mask, torch.tensor(ends))
+    pad = suffix_span_mask(offsets, prompt_ids, prompt_mask, len(fmt.explanation_padding.encode("utf-8")))
+    mask = torch.cat([pad, comp.to(pad.device)], dim=1)
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    packed_lp, packed_mask = pack_masked(logprobs, mask)
+    packed_ids, _ = pack_masked(ids, mask)
+    return PackedTokens(packed_ids, packed_lp, packed_mask)
+
+
+def _align(teacher: PackedTokens, student: PackedTokens) -> tuple[Tensor, Tensor]:
+    """Per row: equal id sequences → (True, full mask); else the longest common prefix mask. Returns (equal, mask)."""
+    k = max(teacher.ids.shape[1], student.ids.shape[1])
+
+    def widen(x: Tensor) -> Tensor:
+        return torch.nn.functional.pad(x, (0, k - x.shape[1]))
+
+    t_ids, s_ids = widen(teacher.ids), widen(student.ids)
+    t_m, s_m = widen(teacher.mask.long()).bool(), widen(student.mask.long()).bool()
+    same = (t_ids == s_ids) & t_m & s_m
+    equal = (t_m == s_m).all(-1) & (same == s_m).all(-1)
+    prefix = same.long().cumprod(-1).bool()
+    return equal, prefix
+
+
+class RLTScorer:
+    """Batched rSS/rKL scoring with a frozen student.
+
+    Args:
+        student: the frozen student causal LM (eval mode, no grad).
+        tokenizer: the teacher's tokenizer (the student shares it, P13).
+        fmt: the RLT format.
+        config: reward options (paper defaults).
+        max_length: student context budget in tokens; longer rows are counted and scored as empty (penalties).
+        token_budget: max tokens per student forward chunk.
+    """
+
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        tokenizer,
+        fmt: RLTFormat,
+        config: RewardConfig | None = None,
+        max_length: int | None = None,
+        token_budget: int = 65536,
+    ) -> None:
+        self.student = student
+        self.tokenizer = tokenizer
+        self.format = fmt
+        self.config = config or RewardConfig()
+        self.max_length = max_length
+        self.token_budget = token_budget
+        self.offsets = ByteOffsets(tokenizer)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(c > 0 for c in self.config.kl_penalty_coeffs) and self.config.include_teacher_think_entropy
+
+    def _device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    def student_side(
+        self, questions: Sequence[str], solutions: Sequence[str], explanations: Sequence[str]
+    ) -> tuple[PackedTokens, PackedTokens, Tensor]:
+        """Student forward over the §1.7 contexts; returns packed (solution, explanation) tokens and overflow [B]."""
+        rendered = [
+            self.format.student_text(q, e, s, self.tokenizer) for q, e, s in zip(questions, explanations, solutions)
+        ]
+        batch = encode_with_spans(
+            self.tokenizer, self.offsets, [r.text for r in rendered], [r.spans for r in rendered], self.max_length
+        )
+        device = self._device()
+        lp = causal_logprobs(
+            self.student,
+            batch.input_ids.to(device),
+            batch.attention_mask.to(device),
+            self.config.student_temperature,
+            self.token_budget,
+        ).cpu()
+        packed = []
+        for name in ("solution", "explanation"):
+            plp, pmask = pack_masked(lp, batch.masks[name])
+            pids, _ = pack_masked(batch.input_ids, batch.masks[name])
+            packed.append(PackedTokens(pids, plp, pmask))
+        return packed[0], packed[1], batch.overflow
+
+    def teacher_text_side(self, teacher: torch.nn.Module, prompts: Sequence[str], completions: Sequence[str]):
+        """Text path: re-encode `prompt + completion` and run the teacher (parity with the authors, P3)."""
+        rendered = [self.format.teacher_scoring_text(p, c) for p, c in zip(prompts, completions)]
+        batch = encode_with_spans(self.tokenizer, self.offsets, [r.text for r in rendered], [r.spans for r in rendered])
+        device = next(teacher.parameters()).device
+        lp = causal_logprobs(
+            teacher,
+            batch.input_ids.to(device),
+            batch.attention_mask.to(device),
+            self.config.teacher_temperature,
+            self.token_budget,
+        ).cpu()
+        plp, pmask = pack_masked(lp, batch.masks["explanation"])
+        pids, _ = pack_masked(batch.input_ids, batch.masks["explanation"])
+        return PackedTokens(pids, plp, pmask)
+
+    @torch.no_grad()
+    def score(
+        self,
+        questions: Sequence[str],
+        solutions: Sequence[str],
+        completions: Sequence[str],
+        teacher_tokens: PackedTokens | None = None,
+        teacher_model: torch.nn.Module | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> ScoreResult:
+        """Score teacher completions (text after the RL prompt, special tokens stripped).
+
+        Args:
+            questions: questions q.
+            solutions: solution contents s (between the solution tags, verbatim).
+            completions: teacher completions.
+            teacher_tokens: teacher explanation tokens/log-probs from the policy forward (sampled path).
+            teacher_model: teacher for the text path (all rows when `teacher_tokens` is None; mismatched rows else).
+            prompts: RL prompts, needed for the text path.
+        """
+        n = len(completions)
+        if not (len(questions) == len(solutions) == n):
+            raise ValueError(f"score(): {len(questions)} questions, {len(solutions)} solutions, {n} completions")
+        parsed = [self.format.parse_completion(c) for c in completions]
+        explanations = [p.explanation for p in parsed]
+        matched = torch.tensor([p.matched for p in parsed], dtype=torch.bool)
+        sol, expl, overflow = self.student_side(questions, solutions, explanations)
+        counts = {"overflow": int(overflow.sum()), "unmatched": int((~matched).sum())}
+
+        if self.uses_teacher:
+            if teacher_tokens is None:
+                if teacher_model is None or prompts is None:
+                    raise ValueError("rKL needs teacher log-probs: pass teacher_tokens or teacher_model + prompts")
+                teacher_tokens = self.teacher_text_side(teacher_model, prompts, completions)
+            equal, prefix = _align(teacher_tokens, expl)
+            mismatched = (~equal & ~overflow).nonzero().squeeze(-1).tolist()
+            counts["token_mismatch"] = len(mismatched)
+            k = prefix.shape[1]
+            t_lp = torch.nn.functional.pad(teacher_tokens.logprobs, (0, k - teacher_tokens.logprobs.shape[1]))
+            s_lp = torch.nn.functional.pad(expl.logprobs, (0, k - expl.logprobs.shape[1]))
+            expl_mask = prefix
+            if mismatched and teacher_model is not None and prompts is not None:
+                redo = self.teacher_text_side(
+                    teacher_model, [prompts[i] for i in mismatched], [completions[i] for i in mismatched]
+                )
+                sub = PackedTokens(expl.ids[mismatched], expl.logprobs[mismatched], expl.mask[mismatched])
+                equal2, prefix2 = _align(redo, sub)
+                counts["token_mismatch_unresolved"] = int((~equal2).sum())
+                k2 = max(k, prefix2.shape[1])
+                t_lp, s_lp, expl_mask = (torch.nn.functional.pad(x, (0, k2 - x.shape[1])) for x in (t_lp, s_lp, expl_mask))
+                rows = torch.tensor(mismatched)
+                t_lp[rows] = torch.nn.functional.pad(redo.logprobs, (0, k2 - redo.logprobs.shape[1]))
+                s_lp[rows] = torch.nn.functional.pad(sub.logprobs, (0, k2 - sub.logprobs.shape[1]))
+                expl_mask[rows] = torch.nn.functional.pad(prefix2, (0, k2 - prefix2.shape[1]))
+            else:
+                counts["token_mismatch_unresolved"] = len(mismatched)
+        else:
+            t_lp, s_lp, expl_mask = torch.zeros_like(expl.logprobs), expl.logprobs, expl.mask
+        out = rlt_reward(sol.logprobs, sol.mask, t_lp, s_lp, expl_mask, matched, self.config)
+        return ScoreResult(out, explanations, matched, counts)
