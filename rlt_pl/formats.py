@@ -84,7 +84,9 @@ class RLTFormat:
     @property
     def completion_divider(self) -> str:
         """End-solution tag + delimiter + begin-explanation tag + padding (spec §1.6)."""
-        return self.solution_end + self.solution_explanation_delimiter + self.explanation_start + self.explanation_padding
+        return (
+            self.solution_end + self.solution_explanation_delimiter + self.explanation_start + self.explanation_padding
+        )
 
     @property
     def masked_out_think_prefix(self) -> str:
@@ -96,7 +98,9 @@ class RLTFormat:
 
     def pad_explanation(self, explanation: str) -> str:
         """Ensure a reference explanation starts with the padding (custom data, spec §1.9)."""
-        return explanation if explanation.startswith(self.explanation_padding) else self.explanation_padding + explanation
+        return (
+            explanation if explanation.startswith(self.explanation_padding) else self.explanation_padding + explanation
+        )
 
     def teacher_sft(self, question: str, solution: str, explanation: str, tokenizer=None) -> Rendered:
         """Teacher warm-up text (spec §1.5). Spans: `prompt` (the RL prompt) and `completion` (trained tokens).

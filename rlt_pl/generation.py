@@ -132,7 +132,9 @@ class HFGenerationEngine(GenerationEngine):
             use_cache=True,
         )
         if sampling.temperature > 0:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0)
+            kwargs.update(
+                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0
+            )
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         was_training = model.training

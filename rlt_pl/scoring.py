@@ -254,7 +254,9 @@ class RLTScorer:
                 equal2, prefix2 = _align(redo, sub)
                 counts["token_mismatch_unresolved"] = int((~equal2).sum())
                 k2 = max(k, prefix2.shape[1])
-                t_lp, s_lp, expl_mask = (torch.nn.functional.pad(x, (0, k2 - x.shape[1])) for x in (t_lp, s_lp, expl_mask))
+                t_lp, s_lp, expl_mask = (
+                    torch.nn.functional.pad(x, (0, k2 - x.shape[1])) for x in (t_lp, s_lp, expl_mask)
+                )
                 rows = torch.tensor(mismatched)
                 t_lp[rows] = torch.nn.functional.pad(redo.logprobs, (0, k2 - redo.logprobs.shape[1]))
                 s_lp[rows] = torch.nn.functional.pad(sub.logprobs, (0, k2 - sub.logprobs.shape[1]))

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 # Qwen2's pre-tokenizer pattern (the regex its tokenizer.json uses); reproduced for tokenization compatibility.
@@ -65,6 +65,7 @@ def train_tokenizer(
     vocab_size: int = 512,
     special_tokens: Sequence[str] = (),
     model_max_length: int = 32768,
+    tag_tokens: Sequence[str] = (),
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE with Qwen2's normaliser and pre-tokenizer, Qwen chat specials and template.
 
@@ -73,6 +74,7 @@ def train_tokenizer(
         vocab_size: target vocabulary size; 256 + specials means no merges (character level).
         special_tokens: extra single-token strings (e.g. one-token tags of a compact format).
         model_max_length: recorded maximum length (keep it large: the paper's prompts are long).
+        tag_tokens: strings kept as single, non-special tokens (they survive `skip_special_tokens` decoding).
     """
     specials = list(CHAT_SPECIAL_TOKENS) + [t for t in special_tokens if t not in CHAT_SPECIAL_TOKENS]
     tok = Tokenizer(models.BPE())
@@ -98,6 +100,8 @@ def train_tokenizer(
         model_max_length=model_max_length,
         additional_special_tokens=[t for t in specials if t not in (EOS_TOKEN, PAD_TOKEN)],
     )
+    if tag_tokens:
+        fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in tag_tokens])
     fast.chat_template = qwen25_chat_template()
     return fast
 
@@ -157,13 +161,34 @@ def build_tiny_assets(out_dir: str | Path, seed: int = 0, vocab_size: int = 512)
     }
 
 
+def build_compact_assets(
+    out_dir: str | Path, tag_tokens: Sequence[str], seed: int = 0, hidden_size: int = 64, num_layers: int = 2
+) -> dict[str, Path]:
+    """Character-level tokenizer (no merges) with one token per tag, and tiny teacher/student models.
+
+    Used by the compact format (`rlt_pl.formats.CompactFormat`) and `make demo`.
+    """
+    out = Path(out_dir)
+    tokenizer = train_tokenizer(["0123456789+-=;.,: abcdefghijklmnopqrstuvwxyz"], vocab_size=0, tag_tokens=tag_tokens)
+    return {
+        "teacher": build_model_dir(out / "teacher", tokenizer, seed, hidden_size, num_layers),
+        "student": build_model_dir(out / "student", tokenizer, seed + 1, hidden_size, num_layers),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--compact", action="store_true", help="character-level vocabulary with CompactFormat tags")
     args = parser.parse_args(argv)
-    paths = build_tiny_assets(args.out_dir, seed=args.seed, vocab_size=args.vocab_size)
+    if args.compact:
+        from rlt_pl.formats import CompactFormat
+
+        paths = build_compact_assets(args.out_dir, CompactFormat().tag_tokens(), seed=args.seed)
+    else:
+        paths = build_tiny_assets(args.out_dir, seed=args.seed, vocab_size=args.vocab_size)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

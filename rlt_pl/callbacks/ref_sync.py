@@ -1,0 +1,43 @@
+"""TR-DPO reference sync (spec §3.6): every τ optimizer steps, θ_ref ← α θ + (1 − α) θ_ref (paper: α 0.9, τ 32)."""
+
+from __future__ import annotations
+
+from lightning.pytorch import Callback
+
+from rlt_pl.modules.grpo import sync_reference
+
+
+class ReferenceSyncCallback(Callback):
+    """Soft-update the GRPO reference model towards the policy.
+
+    Args:
+        alpha: mix-up weight of the policy (paper `ref_model_mixup_alpha` 0.9).
+        every_n_steps: τ, optimizer steps between syncs (paper `ref_model_sync_steps` 32).
+    """
+
+    def __init__(self, alpha: float = 0.9, every_n_steps: int = 32) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"ReferenceSyncCallback.alpha must be in (0, 1], got {alpha}")
+        if every_n_steps < 1:
+            raise ValueError("ReferenceSyncCallback.every_n_steps must be >= 1")
+        self.alpha = alpha
+        self.every_n_steps = every_n_steps
+        self.syncs = 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if getattr(pl_module, "reference", None) != "copy":
+            raise ValueError("ReferenceSyncCallback needs model.init_args.reference: copy (a separate reference model)")
+        pl_module._ref_synced = True  # the reference will diverge from its source: keep it in checkpoints
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and pl_module.ref_model is not None:
+            sync_reference(pl_module.model, pl_module.ref_model, self.alpha)
+            self.syncs += 1
+            pl_module.log("train/ref_syncs", float(self.syncs))
+
+    def state_dict(self) -> dict:
+        return {"syncs": self.syncs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.syncs = state_dict["syncs"]

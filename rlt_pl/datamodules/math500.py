@@ -1,0 +1,84 @@
+"""MATH-500 (``HuggingFaceH4/MATH-500``, split ``test``): 500 MATH problems; subject/level kept for breakdowns."""
+
+from __future__ import annotations
+
+from rlt_pl.datamodules.base import RowDataModule, RowError, make_row, require_str
+from rlt_pl.tasks.math import MathTask
+
+
+class MATH500DataModule(RowDataModule):
+    """MATH-500 benchmark rows (fields ``problem, solution, answer, subject, level, unique_id``).
+
+    Args:
+        data_path: Local file in the Hub schema instead of the Hub.
+        batch_size: Rows per batch.
+        num_workers: DataLoader workers.
+        limit: Use only the first ``limit`` rows.
+        seed: Loader seed.
+        stage_splits: Stage → split mapping (default: all rows for val/test/predict).
+        hf_path: Override of the Hub id (e.g. SkyThought's ``qq8933/MATH500``, same columns).
+        timeout_seconds: math_verify time limit per comparison.
+    """
+
+    name = "math500"
+    default_hf_path = "HuggingFaceH4/MATH-500"
+    hf_split = "test"
+
+    def __init__(
+        self,
+        data_path: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        limit: int | None = None,
+        seed: int = 0,
+        stage_splits: dict[str, str] | None = None,
+        hf_path: str | None = None,
+        timeout_seconds: int = 5,
+    ) -> None:
+        self.timeout_seconds = timeout_seconds
+        super().__init__(
+            data_path=data_path,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            limit=limit,
+            seed=seed,
+            stage_splits=stage_splits,
+            hf_path=hf_path,
+        )
+
+    def build_task(self) -> MathTask:
+        """Math grader named ``math500``."""
+        return MathTask(name=self.name, timeout_seconds=self.timeout_seconds)
+
+    def raw_id(self, raw: object, index: int) -> str:
+        """``unique_id`` when it is a string, else ``math500-<index>``.
+
+        Args:
+            raw: Raw row.
+            index: Position.
+        """
+        if isinstance(raw, dict) and isinstance(raw.get("unique_id"), str) and raw["unique_id"]:
+            return raw["unique_id"]
+        return super().raw_id(raw, index)
+
+    def normalize(self, raw: dict, index: int) -> dict:
+        """Map a MATH-500 row to the common schema.
+
+        Args:
+            raw: Hub row.
+            index: Position.
+        """
+        level = raw.get("level")
+        if level is not None and (isinstance(level, bool) or not isinstance(level, int | str)):
+            raise RowError(f"field 'level' is {type(level).__name__}, expected int")
+        subject = raw.get("subject")
+        if subject is not None and not isinstance(subject, str):
+            raise RowError(f"field 'subject' is {type(subject).__name__}, expected str")
+        answer = require_str(raw, "answer").strip()
+        return make_row(
+            id=require_str(raw, "unique_id"),
+            question=require_str(raw, "problem"),
+            answer=answer,
+            solution=require_str(raw, "solution", allow_empty=True) or answer,
+            metadata={"subject": subject, "level": level},
+        )

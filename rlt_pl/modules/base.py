@@ -1,0 +1,167 @@
+"""Shared LightningModule plumbing for causal LMs: loading in `configure_model`, optimizer, schedule, export.
+
+`__init__` stays cheap (no weights), so every YAML can be instantiated in a test; the model is born in
+`configure_model` (idempotent, so FSDP can build it sharded) and the tokenizer in `setup`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+
+from rlt_pl.formats import RLTFormat, StratosFormat
+from rlt_pl.generation import GenerationEngine, HFGenerationEngine, SamplingConfig
+from rlt_pl.models import ModelConfig, export_model, load_causal_lm, load_tokenizer
+from rlt_pl.optim import build_scheduler
+
+
+class CausalLMModule(LightningModule):
+    """Base for the rlt_pl modules.
+
+    Args:
+        model: how to load the trained model.
+        format: the RLT text format (tags, prompts).
+        lr: learning rate of the default optimizer (AdamW).
+        betas: AdamW betas of the default optimizer.
+        weight_decay: AdamW weight decay of the default optimizer.
+        optimizer: an optimizer given by `class_path` (e.g. `rlt_pl.optim.AdamW8bit`); replaces the default AdamW.
+        lr_schedule: constant, cosine or linear decay.
+        warmup_ratio: fraction of the total steps used for linear warmup.
+        engine: generation engine (HF generate by default).
+        sampling: sampling settings for generation.
+        export_dir: where to write a Hugging Face checkpoint of the trained model at the end of `fit`.
+        merge_lora_on_export: export a merged checkpoint instead of the LoRA adapter.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        format: RLTFormat | None = None,
+        lr: float = 1e-6,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_schedule: Literal["constant", "cosine", "linear"] = "constant",
+        warmup_ratio: float = 0.0,
+        engine: GenerationEngine | None = None,
+        sampling: SamplingConfig | None = None,
+        export_dir: str | None = None,
+        merge_lora_on_export: bool = False,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.init_args.lr must be > 0, got {lr}")
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"model.init_args.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        model.validate()
+        self.model_config = model
+        self.format = format or StratosFormat()
+        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
+        self.optimizer_fn = optimizer
+        self.lr_schedule, self.warmup_ratio = lr_schedule, warmup_ratio
+        self.engine = engine or HFGenerationEngine()
+        self.sampling = sampling or SamplingConfig()
+        self.export_dir = export_dir
+        self.merge_lora_on_export = merge_lora_on_export
+        self.model: torch.nn.Module | None = None
+        self.tokenizer = None
+
+    # ---------------------------------------------------------------- lifecycle
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.model_config.name_or_path, self.model_config.trust_remote_code)
+            if self.format.use_chat_template and not self.tokenizer.chat_template:
+                raise ValueError(
+                    f"tokenizer of {self.model_config.name_or_path} has no chat template but format "
+                    f"{type(self.format).__name__} needs one (set format.use_chat_template: false or use a chat model)"
+                )
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = load_causal_lm(self.model_config, trainable=True)
+
+    def on_fit_start(self) -> None:
+        self.model.train()  # from_pretrained returns eval mode
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if self.optimizer_fn is not None:
+            opt = self.optimizer_fn(params)
+        else:
+            opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, eps=1e-8)
+        total = self.trainer.estimated_stepping_batches if self.trainer is not None else None
+        total = int(total) if total is not None and total != float("inf") else None
+        sched = build_scheduler(opt, self.lr_schedule, warmup_ratio=self.warmup_ratio, total_steps=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            out = export_model(self.model, self.tokenizer, self.export_dir, merge_lora=self.merge_lora_on_export)
+            rank_zero_info(f"exported model to {out}")
+
+    # ---------------------------------------------------------------- helpers
+    def generate(self, prompts: Sequence[str], n: int = 1, sampling: SamplingConfig | None = None):
+        return self.engine.generate(self.model, self.tokenizer, prompts, n, sampling or self.sampling)
+
+    def log_text(self, tag: str, text: str) -> None:
+        """Write a text entry to TensorBoard (no-op for loggers without `add_text`)."""
+        logger = self.logger
+        experiment = getattr(logger, "experiment", None) if logger is not None else None
+        if experiment is not None and hasattr(experiment, "add_text"):
+            experiment.add_text(tag, text, global_step=self.global_step)
+
+
+def markdown_table(rows: Sequence[dict], max_chars: int = 400) -> str:
+    """A small markdown table for TensorBoard's text plugin."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+
+    def cell(v) -> str:
+        s = f"{v:.4g}" if isinstance(v, float) else str(v)
+        s = s.replace("|", "\\|").replace("\n", "⏎")
+        return s[:max_chars] + ("…" if len(s) > max_chars else "")
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def file_digest(path: str | Path, limit_bytes: int = 1 << 26) -> str:
+    """SHA-256 of a file or of a directory's weight/config files (first `limit_bytes` of each), for lineage."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p.rglob("*")) if p.is_dir() else [p]
+    for f in files:
+        if f.is_file() and f.suffix in {".safetensors", ".bin", ".json", ".ckpt", ".pt"}:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(limit_bytes))
+    return h.hexdigest()[:16]
+
+
+def lineage(module: CausalLMModule, extra: dict | None = None) -> dict:
+    """Where generated data came from: model path + hash, sampling settings, time."""
+    path = module.model_config.name_or_path
+    info = {
+        "model": path,
+        "model_sha256": file_digest(path) if Path(path).exists() else None,
+        "sampling": json.loads(json.dumps(module.sampling.__dict__, default=list)),
+        "format": type(module.format).__name__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    info.update(extra or {})
+    return info

@@ -1,0 +1,416 @@
+"""GRPO as a LightningModule, generic over its reward.
+
+One `training_step` reads like the paper (spec §3): sample G completions per prompt → score → group advantages →
+policy loss, then one optimizer step. The generation batch is buffered, shuffled and split into micro-batches for
+the backward passes (the paper's gradient accumulation, §3.1); with `num_iterations` μ > 1 the buffer is replayed
+with PPO clipping. Manual optimisation keeps the whole cycle in one place; a step never ends mid-buffer, so a
+checkpoint between steps holds everything needed to resume (policy, optimizer, scheduler, reference, RNG).
+
+Rewards are classes chosen by `class_path` (`TaskReward` for verifiable student RL; the RLT reward comes from
+`StudentRewardCallback` through `TeacherRLModule`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from rlt_pl.generation import GenerationOutput
+from rlt_pl.grpo import PolicyLossConfig, group_advantages, policy_loss
+from rlt_pl.models import ModelConfig, is_lora, load_causal_lm, reference_mode
+from rlt_pl.modules.base import CausalLMModule, markdown_table
+from rlt_pl.rewards import token_logprobs
+from rlt_pl.scoring import causal_logprobs
+from rlt_pl.tasks.base import Task
+
+
+@dataclass
+class RewardResult:
+    """Rewards of one generation batch: `rewards` [N] plus per-completion metrics [N] and batch counters."""
+
+    rewards: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+    texts: dict[str, list[str]] = field(default_factory=dict)  # extra per-completion text for the sample table
+
+
+class Reward(ABC):
+    """A reward over a generation batch. `needs_policy_logprobs`: it consumes the policy's sampled-id log-probs."""
+
+    needs_policy_logprobs: bool = False
+
+    @abstractmethod
+    def __call__(
+        self, module: GRPOModule, rows: Sequence[dict], gen: GenerationOutput, policy_logprobs: Tensor | None
+    ) -> RewardResult: ...
+
+
+class TaskReward(Reward):
+    """Verifiable reward: 1 if the benchmark's grader accepts the answer, else 0 (plus an optional format bonus).
+
+    Args:
+        task: the grader (e.g. `rlt_pl.tasks.countdown.CountdownTask`).
+        format_reward: added when the completion contains an extractable answer.
+    """
+
+    def __init__(self, task: Task, format_reward: float = 0.0) -> None:
+        self.task = task
+        self.format_reward = format_reward
+
+    def __call__(self, module, rows, gen, policy_logprobs) -> RewardResult:
+        correct, formatted = [], []
+        for row, text in zip(rows, gen.texts):
+            answer, ok = self.task.grade(text, row)
+            correct.append(float(ok))
+            formatted.append(float(answer is not None))
+        c, f = torch.tensor(correct), torch.tensor(formatted)
+        return RewardResult(c + self.format_reward * f, {"accuracy": c, "formatted": f})
+
+
+class GRPOModule(CausalLMModule):
+    """GRPO training of a causal LM.
+
+    Args:
+        model: the policy.
+        reward: the reward (`class_path`); subclasses may supply it instead (TeacherRLModule).
+        num_generations: group size G (paper: 64).
+        micro_batch_size: completions per forward/backward pass (memory knob; no effect on the math).
+        num_iterations: μ, passes over each generation batch (paper: 1); > 1 needs `loss.clip_eps_low`.
+        loss: policy-loss options (β = 0.04, k3, per-sequence mean as in the paper).
+        reference: `copy` (frozen copy of the initial policy), `adapter` (LoRA with the adapter off) or `none`.
+        unbias_logprobs: divide logits by the sampling temperature for policy/reference log-probs (paper: true).
+        advantage_scale: `std` (paper) or `none` (Dr. GRPO).
+        token_budget: tokens per chunk of the no-grad policy/reference forwards.
+        max_nonfinite_steps: skipped steps with non-finite loss/reward tolerated before the run stops.
+        sample_table_every_n_steps: write a text table of samples to TensorBoard every N steps (0: never).
+        val_num_generations: samples per prompt in `validate` (mean reward on held-out prompts).
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        reward: Reward | None = None,
+        num_generations: int = 64,
+        micro_batch_size: int = 1,
+        num_iterations: int = 1,
+        loss: PolicyLossConfig | None = None,
+        reference: str = "copy",
+        unbias_logprobs: bool = True,
+        advantage_scale: str = "std",
+        token_budget: int = 65536,
+        max_grad_norm: float | None = 1.0,
+        max_nonfinite_steps: int = 10,
+        sample_table_every_n_steps: int = 10,
+        val_num_generations: int = 1,
+        **kwargs,
+    ) -> None:
+        super().__init__(model=model, **kwargs)
+        if num_generations < 1:
+            raise ValueError("model.init_args.num_generations must be >= 1")
+        if micro_batch_size < 1:
+            raise ValueError("model.init_args.micro_batch_size must be >= 1")
+        if num_iterations < 1:
+            raise ValueError("model.init_args.num_iterations must be >= 1")
+        self.loss_config = loss or PolicyLossConfig()
+        if num_iterations > 1 and self.loss_config.clip_eps_low is None:
+            raise ValueError("model.init_args.num_iterations > 1 needs loss.clip_eps_low (PPO clipping)")
+        if reference not in ("copy", "adapter", "none"):
+            raise ValueError(f"model.init_args.reference must be copy, adapter or none, got {reference!r}")
+        if reference == "adapter" and model.lora is None:
+            raise ValueError("model.init_args.reference='adapter' needs model.lora (the adapter is switched off)")
+        if reference == "none" and self.loss_config.beta > 0:
+            raise ValueError("model.init_args.reference='none' needs loss.beta: 0")
+        if advantage_scale not in ("std", "none"):
+            raise ValueError("model.init_args.advantage_scale must be std or none")
+        self.reward = reward
+        self.num_generations = num_generations
+        self.micro_batch_size = micro_batch_size
+        self.num_iterations = num_iterations
+        self.reference = reference
+        self.unbias_logprobs = unbias_logprobs
+        self.advantage_scale = advantage_scale
+        self.token_budget = token_budget
+        self.max_grad_norm = max_grad_norm
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.sample_table_every_n_steps = sample_table_every_n_steps
+        self.val_num_generations = val_num_generations
+        self.ref_model: torch.nn.Module | None = None
+        self.nonfinite_steps = 0
+        self.automatic_optimization = False
+
+    # ---------------------------------------------------------------- models
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        super().configure_model()
+        if self.reference == "copy" and self.loss_config.beta > 0:
+            self.ref_model = self.shared_reference() or load_causal_lm(self.model_config, trainable=False)
+
+    def shared_reference(self) -> torch.nn.Module | None:
+        """A frozen model with the reference's weights that is already loaded elsewhere (see TeacherRLModule)."""
+        return None
+
+    @property
+    def loss_temperature(self) -> float:
+        t = self.sampling.temperature
+        return t if self.unbias_logprobs and t > 0 else 1.0
+
+    def reference_logprobs(self, ids: Tensor, attn: Tensor) -> Tensor | None:
+        if self.loss_config.beta <= 0:
+            return None
+        if self.reference == "adapter":
+            with reference_mode(self.model):
+                return causal_logprobs(self.model, ids, attn, self.loss_temperature, self.token_budget)
+        return causal_logprobs(self.ref_model, ids, attn, self.loss_temperature, self.token_budget)
+
+    # ---------------------------------------------------------------- prompts and reward
+    def build_prompt(self, row: dict) -> str:
+        """Student RL: the student format around the task's question."""
+        task = self.reward.task if isinstance(self.reward, TaskReward) else None
+        question = task.format_question(row) if task is not None else row["question"]
+        return self.format.student_prompt(question, self.tokenizer)
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return tuple(self.format.student_stop_strings())
+
+    def compute_reward(self, rows, gen, policy_logprobs) -> RewardResult:
+        if self.reward is None:
+            raise ValueError("GRPOModule needs model.init_args.reward (class_path of a Reward)")
+        return self.reward(self, rows, gen, policy_logprobs)
+
+    def needs_policy_logprobs(self) -> bool:
+        return self.num_iterations > 1 or (self.reward is not None and self.reward.needs_policy_logprobs)
+
+    # ---------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def rollout(self, rows: Sequence[dict], n: int, sampling=None) -> dict:
+        """Generate n completions per row, score them, compute advantages. Returns the generation buffer."""
+        from dataclasses import replace
+
+        sampling = replace(sampling or self.sampling, stop_strings=self.stop_strings())
+        t0 = time.perf_counter()
+        prompts = [self.build_prompt(r) for r in rows]
+        gen = self.generate(prompts, n, sampling)
+        t1 = time.perf_counter()
+        device = self.device
+        ids = torch.cat([gen.prompt_ids, gen.completion_ids], 1).to(device)
+        attn = torch.cat([gen.prompt_mask, gen.completion_mask], 1).to(device)
+        policy_lp = None
+        if self.needs_policy_logprobs():
+            policy_lp = causal_logprobs(self.model, ids, attn, self.loss_temperature, self.token_budget)
+        ref_lp = self.reference_logprobs(ids, attn)
+        t2 = time.perf_counter()
+        repeated = [r for r in rows for _ in range(n)]
+        result = self.compute_reward(repeated, gen, policy_lp)
+        t3 = time.perf_counter()
+        return {
+            "rows": repeated,
+            "gen": gen,
+            "ids": ids,
+            "attn": attn,
+            "old_lp": policy_lp,
+            "ref_lp": ref_lp,
+            "result": result,
+            "times": {"generate": t1 - t0, "logprobs": t2 - t1, "reward": t3 - t2},
+        }
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        t_start = time.perf_counter()
+        buf = self.rollout(batch, self.num_generations)
+        result: RewardResult = buf["result"]
+        rewards = result.rewards.float()
+        finite = torch.isfinite(rewards)
+        if not bool(finite.all()):
+            self._nonfinite(f"{int((~finite).sum())} non-finite rewards")
+            return
+        adv = group_advantages(rewards, self.num_generations, scale=self.advantage_scale).to(self.device)
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        prompt_len = buf["gen"].prompt_ids.shape[1]
+        n = len(rewards)
+        comp_mask = buf["gen"].completion_mask.to(self.device)
+        total_tokens = comp_mask.sum().clamp(min=1)
+        t_loss = time.perf_counter()
+        stats: dict[str, list[Tensor]] = {}
+        for _ in range(self.num_iterations):
+            order = torch.randperm(n).tolist()
+            for start in range(0, n, self.micro_batch_size):
+                idx = order[start : start + self.micro_batch_size]
+                out = self._micro_step(buf, idx, adv, prompt_len)
+                if self.loss_config.aggregation == "token_mean":
+                    scale = comp_mask[idx].sum() / total_tokens
+                else:
+                    scale = len(idx) / n
+                loss = out.loss * scale / self.num_iterations
+                if not torch.isfinite(loss):
+                    opt.zero_grad()
+                    self._nonfinite("non-finite loss")
+                    return
+                self.manual_backward(loss)
+                for k, v in out.metrics.items():
+                    stats.setdefault(k, []).append(v.detach().float())
+        grad_norm = self._clip_and_step(opt)
+        if sched is not None:
+            sched.step()
+        t_end = time.perf_counter()
+        times = dict(buf["times"], loss=t_end - t_loss, total=t_end - t_start)
+        self._log_step(buf, rewards, adv, stats, grad_norm, times)
+
+    def _micro_step(self, buf: dict, idx: list[int], adv: Tensor, prompt_len: int):
+        ids, attn = buf["ids"][idx], buf["attn"][idx]
+        comp_len = ids.shape[1] - prompt_len
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=comp_len + 1).logits
+        lp = token_logprobs(logits, ids[:, -(comp_len + 1) :], self.loss_temperature)[:, 1:]  # [b, C]
+        with torch.no_grad():
+            probs = torch.softmax(logits[:, :-1].float() / self.loss_temperature, -1)
+            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [b, C]
+        mask = buf["gen"].completion_mask[idx].to(self.device).bool()
+        old = buf["old_lp"][idx][:, prompt_len:] if buf["old_lp"] is not None and self.num_iterations > 1 else None
+        ref = buf["ref_lp"][idx][:, prompt_len:] if buf["ref_lp"] is not None else None
+        out = policy_loss(lp, old, ref, adv[idx], mask, self.loss_config)
+        out.metrics["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+        return out
+
+    def _clip_and_step(self, opt) -> Tensor:
+        params = self.trainable_parameters()
+        if self.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        else:
+            grads = [p.grad.norm() for p in params if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        if not torch.isfinite(grad_norm):
+            opt.zero_grad()
+            self._nonfinite("non-finite gradient norm")
+            return grad_norm
+        opt.step()
+        opt.zero_grad()
+        return grad_norm
+
+    def _nonfinite(self, what: str) -> None:
+        self.nonfinite_steps += 1
+        rank_zero_warn(f"step {self.global_step}: {what}; step skipped ({self.nonfinite_steps} so far)")
+        self.log("train/skipped_steps", float(self.nonfinite_steps))
+        if self.nonfinite_steps > self.max_nonfinite_steps:
+            raise RuntimeError(
+                f"{self.nonfinite_steps} steps had non-finite loss/reward > model.init_args.max_nonfinite_steps="
+                f"{self.max_nonfinite_steps}; stopping the run"
+            )
+
+    # ---------------------------------------------------------------- logging
+    def _log_step(self, buf, rewards, adv, stats, grad_norm, times) -> None:
+        gen: GenerationOutput = buf["gen"]
+        result: RewardResult = buf["result"]
+        lengths = gen.completion_mask.sum(-1).float()
+        g = self.num_generations
+        group_std = rewards.view(-1, g).std(-1, unbiased=True) if g > 1 else torch.zeros(1)
+        metrics = {
+            "train/reward": rewards.mean(),
+            "train/reward_std": group_std.mean(),
+            "train/reward_max": rewards.max(),
+            "train/advantage_abs_mean": adv.abs().mean(),
+            "train/zero_variance_groups": (group_std == 0).float().mean(),
+            "train/completion_length": lengths.mean(),
+            "train/completion_length_max": lengths.max(),
+            "train/truncated_rate": (~gen.finished).float().mean(),
+            "train/grad_norm": grad_norm.float(),
+            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "train/tokens_per_s": lengths.sum() / max(times["total"], 1e-9),
+        }
+        for k, v in stats.items():
+            metrics[f"train/{k}"] = torch.stack(v).mean()
+        for k, v in result.metrics.items():
+            metrics[f"train/{k}"] = v.float().nanmean() if v.numel() else torch.tensor(float("nan"))
+        for k, v in result.counts.items():
+            metrics[f"train/count/{k}"] = torch.tensor(float(v))
+        for k, v in times.items():
+            metrics[f"time/{k}"] = torch.tensor(v)
+        if len(rewards) > 2 and float(lengths.std()) > 0 and float(rewards.std()) > 0:
+            metrics["train/length_reward_corr"] = torch.corrcoef(torch.stack([lengths, rewards]))[0, 1]
+        self.log_dict({k: v.detach().float().cpu() for k, v in metrics.items()}, prog_bar=False, on_step=True)
+        self.log("reward", rewards.mean(), prog_bar=True, logger=False)
+        every = self.sample_table_every_n_steps
+        if every and self.global_step % every == 0:
+            rows = buf["rows"]
+            table = [
+                {"question": rows[i]["question"], "completion": gen.texts[i], "reward": float(rewards[i])}
+                | {k: v[i] for k, v in result.texts.items()}
+                for i in range(0, len(rows), max(1, g))[:8]
+            ]
+            self.log_text("samples", markdown_table(table))
+
+    # ---------------------------------------------------------------- validation
+    def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
+        from dataclasses import replace
+
+        sampling = replace(self.sampling, temperature=self.sampling.temperature)
+        buf = self.rollout(batch, self.val_num_generations, sampling)
+        result = buf["result"]
+        self.log("val/reward", result.rewards.float().mean(), batch_size=len(batch), add_dataloader_idx=False)
+        for k, v in result.metrics.items():
+            self.log(f"val/{k}", v.float().nanmean(), batch_size=len(batch), add_dataloader_idx=False)
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rlt_pl"] = {
+            "nonfinite_steps": self.nonfinite_steps,
+            "frozen_models": self.frozen_model_sources(),
+            "rng": {"torch": torch.get_rng_state(), "python": __import__("random").getstate()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rlt_pl", {})
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        rng = state.get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            __import__("random").setstate(rng["python"])
+
+    def frozen_model_sources(self) -> dict[str, str]:
+        """Frozen models that are re-loaded on resume instead of stored."""
+        out = {}
+        if self.ref_model is not None and not self.reference_is_trained():
+            out["reference"] = self.model_config.name_or_path
+        return out
+
+    def reference_is_trained(self) -> bool:
+        """Whether the reference's weights differ from its source (TR-DPO sync): then it is checkpointed."""
+        return bool(getattr(self, "_ref_synced", False))
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        if not self.reference_is_trained():
+            for k in [k for k in state if k.startswith("ref_model.")]:
+                del state[k]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        has_ref = any(k.startswith("ref_model.") for k in state_dict)
+        if self.ref_model is not None and not has_ref:
+            strict = False
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
+
+def sync_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO soft update θ_ref ← α θ + (1 − α) θ_ref (spec §3.6)."""
+    with torch.no_grad():
+        for p_ref, p in zip(reference.parameters(), policy.parameters()):
+            p_ref.lerp_(p.detach().to(p_ref.dtype), alpha)
+
+
+def copy_frozen(model: torch.nn.Module) -> torch.nn.Module:
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+__all__ = ["GRPOModule", "Reward", "RewardResult", "TaskReward", "sync_reference", "copy_frozen", "is_lora", "math"]
