@@ -75,7 +75,8 @@ def causal_logprobs(
         ids, attn = ids[:, lo:hi], attn[:, lo:hi]
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-        lp = token_logprobs(logits, ids, temperature) * attn
+        prev = torch.nn.functional.pad(attn[:, :-1], (1, 0))  # a row's first real token has no context: 0
+        lp = token_logprobs(logits, ids, temperature) * attn * prev
         out[rows, lo:hi] = lp.float()
     return out
 

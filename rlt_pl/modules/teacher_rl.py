@@ -12,6 +12,8 @@ path everywhere (the authors' way, for parity checks).
 
 from __future__ import annotations
 
+import unicodedata
+
 import torch
 
 from rlt_pl.callbacks.student_reward import StudentRewardCallback, find_student_reward
@@ -30,6 +32,11 @@ class RLTReward(Reward):
         questions = [r["question"] for r in rows]
         solutions = [r["solution"] for r in rows]
         prompts = [module.build_prompt(r) for r in rows]
+        # Sampled bytes need not be NFC (e.g. a letter + combining accent); the tokenizer's normaliser would rewrite
+        # them and the span check refuses such text. Score the NFC form: those rows no longer match the sampled ids,
+        # so they take the text path (counted as token_mismatch) and are counted here as `nfc_normalized`.
+        texts = [unicodedata.normalize("NFC", t) for t in gen.texts]
+        nfc_changed = sum(a != b for a, b in zip(texts, gen.texts))
         teacher_tokens = None
         if not module.recompute_teacher_logprobs and cb.reward_config.kl_enabled:
             lp = policy_logprobs
@@ -47,15 +54,15 @@ class RLTReward(Reward):
                 gen.prompt_mask,
                 gen.completion_ids,
                 gen.completion_mask,
-                gen.texts,
+                texts,
                 lp.cpu(),
             )
-        result, metrics = cb.score(module, questions, solutions, gen.texts, teacher_tokens, module.model, prompts)
+        result, metrics = cb.score(module, questions, solutions, texts, teacher_tokens, module.model, prompts)
         metrics["explanation_chars"] = torch.tensor([float(len(e)) for e in result.explanations])
         return RewardResult(
             result.output.reward.float(),
             metrics,
-            counts=dict(result.counts),
+            counts=dict(result.counts, nfc_normalized=nfc_changed),
             texts={"rss": [f"{x:.3f}" for x in result.output.rss.tolist()]},
         )
 

@@ -1,0 +1,92 @@
+"""Distillation data: teacher traces (JSONL shards from `TraceWriter`, a JSONL/JSON/Parquet file, or any Hub
+dataset in the same schema: id, question, solution, thought, answer), with evaluation delegated to a benchmark
+DataModule (`eval_data`) so one `fit` both distils and reports held-out accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlt_pl.datamodules.base import RowDataModule, RowError, read_local_rows, require_str
+from rlt_pl.tasks.base import Task
+
+
+class TracesDataModule(RowDataModule):
+    """Reasoning traces for student distillation.
+
+    Args:
+        data_path: a directory of `shard-*.jsonl` files or a single file.
+        eval_data: benchmark DataModule whose val/test loaders and grader are used for evaluation.
+        batch_size: rows per batch.
+        seed: shuffle seed.
+        answer_only: drop the thought (answer-only baseline: question → solution).
+        hf_path: load from the Hub instead (same schema, split `train`).
+    """
+
+    name = "traces"
+
+    def __init__(
+        self,
+        data_path: str | None = None,
+        eval_data: RowDataModule | None = None,
+        batch_size: int = 8,
+        seed: int = 0,
+        answer_only: bool = False,
+        hf_path: str | None = None,
+        limit: int | None = None,
+    ) -> None:
+        if data_path is None and hf_path is None:
+            raise ValueError("data.init_args: give data_path (trace shards) or hf_path")
+        self.eval_data = eval_data
+        self.answer_only = answer_only
+        super().__init__(
+            data_path=data_path,
+            batch_size=batch_size,
+            seed=seed,
+            hf_path=hf_path,
+            limit=limit,
+            stage_splits={"train": "all"},
+        )
+
+    def build_task(self) -> Task | None:
+        return self.eval_data.task if self.eval_data is not None else None
+
+    def _load_raw(self) -> list:
+        if self.data_path is None:
+            return self.load_hub_rows()
+        path = Path(self.data_path).expanduser().resolve()
+        if path.is_dir():
+            shards = sorted(path.glob("shard-*.jsonl"))
+            if not shards:
+                raise FileNotFoundError(f"traces: no shard-*.jsonl files in {path}")
+            return [row for shard in shards for row in read_local_rows(shard)]
+        return super()._load_raw()
+
+    def normalize(self, raw: dict, index: int) -> dict:
+        thought = raw.get("thought")
+        if thought is not None and not isinstance(thought, str):
+            raise RowError("field 'thought' must be a string")
+        row = {
+            "id": str(raw.get("id", f"trace-{index}")),
+            "question": require_str(raw, "question"),
+            "solution": require_str(raw, "solution"),
+            "answer": str(raw.get("answer", "")),
+            "thought": "" if self.answer_only else (thought or ""),
+            "metadata": raw.get("metadata") or {},
+        }
+        return row
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.eval_data is not None:
+            self.eval_data.setup(stage)
+
+    def val_dataloader(self):
+        if self.eval_data is None:
+            return []
+        return self.eval_data.val_dataloader()
+
+    def test_dataloader(self):
+        if self.eval_data is None:
+            raise ValueError("traces: testing needs data.init_args.eval_data (a benchmark DataModule)")
+        return self.eval_data.test_dataloader()

@@ -1,0 +1,320 @@
+"""`make demo`: the whole RLT pipeline in miniature, offline on CPU, each stage a real `rlt_pl` CLI run.
+
+Task: 3-digit addition, where a column scratchpad is the explanation that makes the answer learnable
+(`rlt_pl.tasks.addition`). Stages (configs in `configs/experiment/demo/`, chained by paths under the output dir):
+
+1. tiny random-init models (character vocabulary, one token per tag: `CompactFormat`) and pre-training on 1–3 digit
+   student-format scratchpads → the frozen reward student and the teacher's init;
+2. teacher SFT warm-up on imperfect explanations (50% good, 25% leak, 25% noise);
+3. teacher RL with the RLT reward (student frozen);
+4. traces for the 2,000 training questions from (a) the SFT-only teacher and (b) the RL teacher;
+5. fresh random-init students distilled on each trace set, and an answer-only baseline;
+6. evaluation of every student on 200 held-out problems (T = 0.7 sampled, and greedy).
+
+Writes `REPORT.md`, PNG plots and `timings.json` into the output dir; TensorBoard logs under `<out>/tb`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+CONFIGS = Path("configs/experiment/demo")
+
+
+def _cli(subcommand: str, config: str, overrides: list[str]) -> object:
+    from rlt_pl.cli import cli_main
+
+    args = [subcommand, "-c", str(CONFIGS / "common_trainer.yaml"), "-c", str(CONFIGS / config), *overrides]
+    return cli_main(args)
+
+
+def _scalars(tb_dir: Path, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {t: [] for t in tags}
+    for events in sorted(tb_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for t in tags:
+            if t in acc.Tags()["scalars"]:
+                out[t] = [(e.step, e.value) for e in acc.Scalars(t)]
+    return out
+
+
+def _trace_stats(trace_dir: Path) -> dict[str, float]:
+    from rlt_pl.tasks.addition import classify_explanation
+
+    kinds: Counter = Counter()
+    lengths = []
+    for shard in sorted(trace_dir.glob("shard-*.jsonl")):
+        for line in shard.read_text().splitlines():
+            row = json.loads(line)
+            a, b = row["metadata"]["a"], row["metadata"]["b"]
+            kinds[classify_explanation(row["thought"], a, b)] += 1
+            lengths.append(len(row["thought"]))
+    total = max(1, sum(kinds.values()))
+    stats = {f"{k}_pct": 100.0 * v / total for k, v in sorted(kinds.items())}
+    stats["rows"] = float(sum(kinds.values()))
+    stats["mean_chars"] = sum(lengths) / max(1, len(lengths))
+    return stats
+
+
+def run(out: Path, scale: float = 1.0, seeds: tuple[int, ...] = (0,), fresh: bool = True) -> dict:
+    """Run the pipeline into `out`; `scale` multiplies step counts (tests use a small scale)."""
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    rel = os.path.relpath(out)
+    rel = str(out.resolve()) if rel.startswith("..") else rel
+
+    def steps(n: int) -> str:
+        return str(max(2, int(n * scale)))
+
+    def stage(name: str, fn) -> object:
+        t0 = time.perf_counter()
+        print(f"\n=== {name} ===", flush=True)
+        result = fn()
+        timings[name] = time.perf_counter() - t0
+        print(f"=== {name}: done in {timings[name]:.1f} s", flush=True)
+        return result
+
+    def path(p: str) -> str:
+        return p.replace("runs/demo", rel)
+
+    common = [f"--trainer.logger.init_args.save_dir={rel}/tb"]
+
+    def assets() -> None:
+        from rlt_pl.formats import CompactFormat
+        from rlt_pl.tiny import build_compact_assets
+
+        build_compact_assets(out / "assets", CompactFormat().tag_tokens(), seed=0)
+
+    stage("assets", assets)
+    stage(
+        "pretrain",
+        lambda: _cli(
+            "fit",
+            "pretrain.yaml",
+            common
+            + [
+                f"--trainer.max_steps={steps(900)}",
+                f"--model.init_args.model.name_or_path={rel}/assets/student",
+                f"--model.init_args.export_dir={rel}/pretrain",
+                "--trainer.logger.init_args.name=pretrain",
+            ],
+        ),
+    )
+    stage(
+        "teacher_sft",
+        lambda: _cli(
+            "fit",
+            "teacher_sft.yaml",
+            common
+            + [
+                f"--trainer.max_steps={steps(900)}",
+                f"--model.init_args.model.name_or_path={rel}/pretrain",
+                f"--model.init_args.export_dir={rel}/teacher_sft",
+                "--trainer.logger.init_args.name=teacher_sft",
+            ],
+        ),
+    )
+    stage(
+        "teacher_rl",
+        lambda: _cli(
+            "fit",
+            "teacher_rl.yaml",
+            common
+            + [
+                f"--trainer.max_steps={steps(60)}",
+                f"--model.init_args.model.name_or_path={rel}/teacher_sft",
+                f"--model.init_args.export_dir={rel}/teacher_rl",
+                "--trainer.logger.init_args.name=teacher_rl",
+                f"--trainer.callbacks.init_args.student.name_or_path={rel}/pretrain",
+            ],
+        ),
+    )
+    for source in ("sft", "rl"):
+        stage(
+            f"traces_{source}",
+            lambda source=source: _cli(
+                "predict",
+                "traces.yaml",
+                [
+                    f"--model.init_args.model.name_or_path={rel}/teacher_{source}",
+                    f"--trainer.callbacks.init_args.output_dir={rel}/traces/{source}",
+                ],
+            ),
+        )
+    results: dict[str, dict] = {}
+    for seed in seeds:
+        for source in ("sft", "rl", "answer_only"):
+            data = f"{rel}/traces/{'sft' if source == 'answer_only' else source}"
+            name = f"{source}_seed{seed}"
+            export = f"{rel}/students/{name}"
+            base = [
+                f"--data.init_args.data_path={data}",
+                f"--data.init_args.answer_only={source == 'answer_only'}",
+                f"--seed_everything={seed}",
+            ]
+            stage(
+                f"distill_{name}",
+                lambda base=base, export=export, name=name: _cli(
+                    "fit",
+                    "distill.yaml",
+                    common
+                    + base
+                    + [
+                        f"--trainer.max_steps={steps(830)}",
+                        f"--model.init_args.export_dir={export}",
+                        f"--model.init_args.model.name_or_path={rel}/assets/student",
+                        f"--trainer.logger.init_args.name=distill_{name}",
+                    ],
+                ),
+            )
+            accs = {}
+            for label, temp in (("t0.7", 0.7), ("greedy", 0.0)):
+                cli = stage(
+                    f"eval_{name}_{label}",
+                    lambda base=base, export=export, temp=temp, name=name: _cli(
+                        "test",
+                        "distill.yaml",
+                        common
+                        + base
+                        + [
+                            f"--model.init_args.model.name_or_path={export}",
+                            f"--model.init_args.eval_sampling.temperature={temp}",
+                            f"--trainer.logger.init_args.name=eval_{name}",
+                        ],
+                    ),
+                )
+                accs[label] = 100.0 * float(cli.trainer.callback_metrics["test/addition/pass@1"])
+            results[name] = accs
+    rl_curves = _scalars(
+        out / "tb" / "teacher_rl",
+        [
+            "train/reward",
+            "train/rss",
+            "train/rkl",
+            "train/solution_copy",
+            "train/explanation_chars",
+            "train/match_rate",
+        ],
+    )
+    traces = {s: _trace_stats(out / "traces" / s) for s in ("sft", "rl")}
+    summary = {"timings": timings, "students": results, "traces": traces, "rl": rl_curves, "seeds": list(seeds)}
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(out, summary)
+    return summary
+
+
+def _plots(out: Path, summary: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    rl = summary["rl"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for tag, ax in zip(("train/reward", "train/rss", "train/rkl"), axes):
+        pts = rl.get(tag, [])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_title(tag)
+        ax.set_xlabel("RL step")
+    fig.tight_layout()
+    fig.savefig(out / "rl_reward.png")
+    files.append("rl_reward.png")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for tag, ax in zip(("train/explanation_chars", "train/solution_copy"), axes):
+        pts = rl.get(tag, [])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_title(tag)
+        ax.set_xlabel("RL step")
+    fig.tight_layout()
+    fig.savefig(out / "rl_explanations.png")
+    files.append("rl_explanations.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    sources = ("answer_only", "sft", "rl")
+    seeds = summary["seeds"]
+    for i, label in enumerate(("t0.7", "greedy")):
+        vals = [sum(summary["students"][f"{s}_seed{k}"][label] for k in seeds) / len(seeds) for s in sources]
+        ax.bar([x + 0.4 * i for x in range(3)], vals, width=0.4, label=label)
+    ax.set_xticks([x + 0.2 for x in range(3)], ["answer-only", "SFT teacher", "RL teacher"])
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "student_accuracy.png")
+    files.append("student_accuracy.png")
+    plt.close("all")
+    return files
+
+
+def write_report(out: Path, summary: dict) -> Path:
+    """REPORT.md with the student table, trace composition, RL curve summary, timings and plots."""
+    plots = _plots(out, summary)
+    seeds = summary["seeds"]
+    lines = ["# RLT demo report", "", "3-digit addition, 200 held-out problems, tiny 64/2 Qwen2 models, CPU.", ""]
+    lines += ["## Students (held-out accuracy %, T = 0.7 / greedy)", ""]
+    lines += ["| trace source | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+    for source, label in (("rl", "RL teacher"), ("sft", "SFT-only teacher"), ("answer_only", "answer-only")):
+        accs = [summary["students"][f"{source}_seed{s}"] for s in seeds]
+        cells = [f"{a['t0.7']:.1f} / {a['greedy']:.1f}" for a in accs]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## Teacher traces (composition of the 2,000 training explanations)", ""]
+    lines += ["| teacher | " + " | ".join(sorted(summary["traces"]["rl"])) + " |"]
+    lines += ["|---" * (len(summary["traces"]["rl"]) + 1) + "|"]
+    for t in ("sft", "rl"):
+        st = summary["traces"][t]
+        lines.append(f"| {t} | " + " | ".join(f"{st.get(k, 0):.1f}" for k in sorted(summary["traces"]["rl"])) + " |")
+    rl = summary["rl"]
+
+    def first_last(tag: str) -> str:
+        pts = rl.get(tag) or []
+        if not pts:
+            return "n/a"
+        k = max(1, len(pts) // 10)
+        first = sum(p[1] for p in pts[:k]) / k
+        last = sum(p[1] for p in pts[-k:]) / k
+        return f"{first:.3f} → {last:.3f}"
+
+    lines += ["", "## Teacher RL (mean of first vs last 10% of steps)", ""]
+    for tag in ("train/reward", "train/rss", "train/rkl", "train/solution_copy", "train/match_rate"):
+        lines.append(f"- `{tag}`: {first_last(tag)}")
+    lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings"].items()]
+    lines.append(f"| **total** | {sum(summary['timings'].values()):.1f} |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", f"Inspect everything: `tensorboard --logdir {out / 'tb'}`", ""]
+    path = out / "REPORT.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    summary = run(Path(args.out), scale=args.scale, seeds=tuple(args.seeds))
+    print(f"\nRLT demo finished in {time.perf_counter() - t0:.0f} s")
+    for name, acc in summary["students"].items():
+        print(f"  student {name:<20} held-out accuracy T=0.7 {acc['t0.7']:5.1f}%  greedy {acc['greedy']:5.1f}%")
+    print(f"Report: {Path(args.out) / 'REPORT.md'}")
+    print(f"TensorBoard: tensorboard --logdir {Path(args.out) / 'tb'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Supervised stages of the RLT pipeline: teacher SFT warm-up and student distillation, plus evaluation.
+
+Both render each row with the format (character span `completion` known by construction), tokenize once and train
+with a completion-only cross-entropy (token-mean over completion tokens, the HF default, spec §3.9):
+- `TeacherSFTModule`: question + solution → explanation (spec §1.5; loss after `<|begin_of_explanation|>` + padding).
+  Its `predict` writes explanations for (question, solution) rows: the traces students are distilled on.
+- `StudentDistillModule`: question → thought (= a teacher explanation) → solution (spec §1.7–1.8; loss on the
+  whole assistant message). Its `validate`/`test` generate answers to benchmark questions and grade them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from rlt_pl.callbacks.student_reward import find_student_reward
+from rlt_pl.evaluation import BenchmarkEvaluator
+from rlt_pl.formats import Rendered
+from rlt_pl.generation import SamplingConfig
+from rlt_pl.models import ModelConfig
+from rlt_pl.modules.base import CausalLMModule
+from rlt_pl.rewards import token_logprobs
+from rlt_pl.spans import ByteOffsets, encode_with_spans
+
+
+class SFTModule(CausalLMModule):
+    """Completion-only SFT on rendered rows, with benchmark evaluation in validate/test.
+
+    Args:
+        model: the model to train.
+        max_length: token budget per row; longer rows are truncated from the right and counted
+            (`train/truncated_rows`); a row whose completion is cut away entirely contributes no loss.
+        eval_sampling: sampling for validate/test (paper protocol: see configs/eval); default greedy.
+        eval_num_samples: samples per question (pass@1 is their mean; pass@k uses the unbiased estimator).
+        eval_k: k values reported.
+        eval_output_dir: where per-question JSONL files of validate/test go (None: not written).
+        **kwargs: CausalLMModule arguments (format, lr, optimizer, schedule, sampling, export_dir, ...).
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        max_length: int = 16384,
+        eval_sampling: SamplingConfig | None = None,
+        eval_num_samples: int = 1,
+        eval_k: Sequence[int] = (1,),
+        eval_output_dir: str | None = None,
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("lr", 1e-5)
+        super().__init__(model=model, **kwargs)
+        if max_length < 8:
+            raise ValueError("model.init_args.max_length must be >= 8")
+        if any(k > eval_num_samples or k < 1 for k in eval_k):
+            raise ValueError("model.init_args.eval_k values must be in [1, eval_num_samples]")
+        self.max_length = max_length
+        self.eval_sampling = eval_sampling or SamplingConfig(max_new_tokens=1024, temperature=0.0)
+        self.eval_num_samples = eval_num_samples
+        self.eval_k = tuple(eval_k)
+        self.eval_output_dir = eval_output_dir
+        self._offsets: ByteOffsets | None = None
+        self._evaluators: dict[int, BenchmarkEvaluator] = {}
+
+    # ---------------------------------------------------------------- rendering
+    def render(self, row: dict) -> Rendered:
+        raise NotImplementedError
+
+    @property
+    def offsets(self) -> ByteOffsets:
+        if self._offsets is None:
+            self._offsets = ByteOffsets(self.tokenizer)
+        return self._offsets
+
+    def encode(self, rows: Sequence[dict]):
+        rendered = [self.render(r) for r in rows]
+        eos = self.tokenizer.eos_token if not self.format.use_chat_template else ""
+        texts = [r.text + eos for r in rendered]  # plain formats: EOS ends the sequence
+        spans = [{"completion": (r.spans["completion"][0], len(t))} for r, t in zip(rendered, texts)]
+        return encode_with_spans(self.tokenizer, self.offsets, texts, spans, None)
+
+    def loss_on(self, rows: Sequence[dict]) -> tuple[Tensor, dict[str, Tensor]]:
+        batch = self.encode(rows)
+        ids, attn, mask = batch.input_ids, batch.attention_mask, batch.masks["completion"]
+        truncated = (attn.sum(-1) > self.max_length).float()
+        ids, attn, mask = ids[:, : self.max_length], attn[:, : self.max_length], mask[:, : self.max_length]
+        ids, attn, mask = ids.to(self.device), attn.to(self.device), mask.to(self.device)
+        logits = self.model(input_ids=ids, attention_mask=attn).logits
+        lp = token_logprobs(logits, ids)  # [B, L] aligned to tokens
+        count = mask.sum().clamp(min=1)
+        loss = -(lp * mask).sum() / count
+        stats = {"completion_tokens": mask.sum().float(), "truncated_rows": truncated.sum()}
+        return loss, stats
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: list[dict], batch_idx: int) -> Tensor:
+        loss, stats = self.loss_on(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        for k, v in stats.items():
+            self.log(f"train/{k}", v, batch_size=len(batch))
+        return loss
+
+    # ---------------------------------------------------------------- evaluation
+    def _datamodule_task(self, dataloader_idx: int):
+        dm = self.trainer.datamodule
+        if dm is None:
+            raise ValueError("evaluation needs a DataModule with a `task` (grader)")
+        if hasattr(dm, "task_for"):
+            return dm.task_for(dataloader_idx), dm.name_for(dataloader_idx)
+        eval_data = getattr(dm, "eval_data", None)  # TracesDataModule evaluates on a benchmark
+        if eval_data is not None:
+            return eval_data.task, eval_data.name
+        return dm.task, dm.name
+
+    def _evaluate(self, batch: list[dict], dataloader_idx: int, stage: str) -> None:
+        task, name = self._datamodule_task(dataloader_idx)
+        if dataloader_idx not in self._evaluators:
+            out = f"{self.eval_output_dir}/{stage}_{name}.jsonl" if self.eval_output_dir else None
+            self._evaluators[dataloader_idx] = BenchmarkEvaluator(task, name, k_values=self.eval_k, output_path=out)
+        prompts = [self.format.student_prompt(task.format_question(r), self.tokenizer) for r in batch]
+        from dataclasses import replace
+
+        sampling = replace(self.eval_sampling, stop_strings=tuple(self.format.student_stop_strings()))
+        gen = self.generate(prompts, self.eval_num_samples, sampling)
+        n = self.eval_num_samples
+        responses = [gen.texts[i * n : (i + 1) * n] for i in range(len(batch))]
+        tokens = gen.completion_mask.sum(-1).view(len(batch), n).tolist()
+        self._evaluators[dataloader_idx].update(batch, responses, token_counts=tokens)
+
+    def _finish_eval(self, stage: str) -> None:
+        for ev in self._evaluators.values():
+            metrics = ev.compute()
+            self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
+            if ev.output_path:
+                ev.write_jsonl()
+        self._evaluators = {}
+
+    def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def test_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+
+class StudentDistillModule(SFTModule):
+    """Distil a student on reasoning traces in the student format (question → thought → solution).
+
+    If a `StudentRewardCallback` is attached, every `log_reward_every_n_steps` steps the rSS of the batch's traces
+    under the frozen reward student is logged (`train/trace_rss`), i.e. how well a student reads these traces.
+    """
+
+    def __init__(self, model: ModelConfig, log_reward_every_n_steps: int = 50, **kwargs) -> None:
+        super().__init__(model=model, **kwargs)
+        self.log_reward_every_n_steps = log_reward_every_n_steps
+
+    def render(self, row: dict) -> Rendered:
+        return self.format.student_text(row["question"], row.get("thought") or "", row["solution"], self.tokenizer)
+
+    def training_step(self, batch: list[dict], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        cb = find_student_reward(self.trainer)
+        every = self.log_reward_every_n_steps
+        if cb is not None and every and self.global_step % every == 0:
+            pad = self.format.explanation_padding
+            completions = [(r.get("thought") or "").removeprefix(pad) + self.format.explanation_end for r in batch]
+            with torch.no_grad():
+                scorer = cb.scorer(self)
+                sol, _, _ = scorer.student_side(
+                    [r["question"] for r in batch],
+                    [r["solution"] for r in batch],
+                    [self.format.parse_completion(c).explanation for c in completions],
+                )
+            rss = (sol.logprobs * sol.mask).sum(-1) / sol.mask.sum(-1).clamp(min=1)
+            self.log("train/trace_solution_logprob", rss.mean(), batch_size=len(batch))
+        return loss
+
+
+class TeacherSFTModule(SFTModule):
+    """Teacher warm-up (spec §3.9): learn to explain a given solution; `predict` writes traces (see TraceWriter)."""
+
+    def __init__(self, model: ModelConfig, predict_num_samples: int = 1, **kwargs) -> None:
+        super().__init__(model=model, **kwargs)
+        if predict_num_samples < 1:
+            raise ValueError("model.init_args.predict_num_samples must be >= 1")
+        self.predict_num_samples = predict_num_samples
+
+    def render(self, row: dict) -> Rendered:
+        thought = row.get("thought")
+        if thought is None:
+            raise ValueError(f"row {row.get('id')}: teacher SFT needs a reference explanation in `thought`")
+        return self.format.teacher_sft(row["question"], row["solution"], thought, self.tokenizer)
+
+    def predict_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0):
+        from rlt_pl.callbacks.trace_writer import generate_traces
+
+        return generate_traces(self, batch, batch_idx, self.predict_num_samples)
