@@ -294,6 +294,7 @@ class GRPOModule(CausalLMModule):
             return grad_norm
         opt.step()
         opt.zero_grad()
+        self.model._rlt_version = self.global_step  # engines holding a weight copy (vLLM) re-sync when this changes
         return grad_norm
 
     def _nonfinite(self, what: str) -> None:
