@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -83,6 +85,7 @@ class GRPOModule(CausalLMModule):
         reward: the reward (`class_path`); subclasses may supply it instead (TeacherRLModule).
         num_generations: group size G (paper: 64).
         micro_batch_size: completions per forward/backward pass (memory knob; no effect on the math).
+        micro_batch_tokens: if set, caps a micro-batch at this many padded tokens (long sequences get fewer rows).
         num_iterations: μ, passes over each generation batch (paper: 1); > 1 needs `loss.clip_eps_low`.
         loss: policy-loss options (β = 0.04, k3, per-sequence mean as in the paper).
         reference: `copy` (frozen copy of the initial policy), `adapter` (LoRA with the adapter off) or `none`.
@@ -100,6 +103,7 @@ class GRPOModule(CausalLMModule):
         reward: Reward | None = None,
         num_generations: int = 64,
         micro_batch_size: int = 1,
+        micro_batch_tokens: int | None = None,
         num_iterations: int = 1,
         loss: PolicyLossConfig | None = None,
         reference: str = "copy",
@@ -133,6 +137,7 @@ class GRPOModule(CausalLMModule):
         self.reward = reward
         self.num_generations = num_generations
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.num_iterations = num_iterations
         self.reference = reference
         self.unbias_logprobs = unbias_logprobs
@@ -144,6 +149,8 @@ class GRPOModule(CausalLMModule):
         self.val_num_generations = val_num_generations
         self.ref_model: torch.nn.Module | None = None
         self.nonfinite_steps = 0
+        self._pending_rng: dict | None = None  # RNG state from a checkpoint, applied before the next train batch
+        self._rng_before_val: dict | None = None  # training RNG stream, set aside while validation samples
         self.automatic_optimization = False
 
     # ---------------------------------------------------------------- models
@@ -243,8 +250,11 @@ class GRPOModule(CausalLMModule):
         stats: dict[str, list[Tensor]] = {}
         for _ in range(self.num_iterations):
             order = torch.randperm(n).tolist()
-            for start in range(0, n, self.micro_batch_size):
-                idx = order[start : start + self.micro_batch_size]
+            rows = self.micro_batch_size
+            if self.micro_batch_tokens is not None:
+                rows = max(1, min(rows, self.micro_batch_tokens // buf["ids"].shape[1]))
+            for start in range(0, n, rows):
+                idx = order[start : start + rows]
                 out = self._micro_step(buf, idx, adv, prompt_len)
                 if self.loss_config.aggregation == "token_mean":
                     scale = comp_mask[idx].sum() / total_tokens
@@ -266,17 +276,22 @@ class GRPOModule(CausalLMModule):
         self._log_step(buf, rewards, adv, stats, grad_norm, times)
 
     def _micro_step(self, buf: dict, idx: list[int], adv: Tensor, prompt_len: int):
+        """Loss of one micro-batch; all-padding columns (left of prompts, right of completions) are trimmed."""
         ids, attn = buf["ids"][idx], buf["attn"][idx]
-        comp_len = ids.shape[1] - prompt_len
+        used = attn.any(0).nonzero().squeeze(-1)
+        lo = min(int(used.min()), prompt_len - 1)
+        hi = max(int(used.max()) + 1, prompt_len + 1)
+        ids, attn = ids[:, lo:hi], attn[:, lo:hi]
+        comp_len = hi - prompt_len
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=comp_len + 1).logits
         lp = token_logprobs(logits, ids[:, -(comp_len + 1) :], self.loss_temperature)[:, 1:]  # [b, C]
         with torch.no_grad():
-            probs = torch.softmax(logits[:, :-1].float() / self.loss_temperature, -1)
-            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [b, C]
-        mask = buf["gen"].completion_mask[idx].to(self.device).bool()
-        old = buf["old_lp"][idx][:, prompt_len:] if buf["old_lp"] is not None and self.num_iterations > 1 else None
-        ref = buf["ref_lp"][idx][:, prompt_len:] if buf["ref_lp"] is not None else None
+            logp_all = torch.log_softmax(logits[:, :-1].float() / self.loss_temperature, -1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)  # [b, C]
+        mask = buf["gen"].completion_mask[idx][:, :comp_len].to(self.device).bool()
+        old = buf["old_lp"][idx][:, prompt_len:hi] if buf["old_lp"] is not None and self.num_iterations > 1 else None
+        ref = buf["ref_lp"][idx][:, prompt_len:hi] if buf["ref_lp"] is not None else None
         out = policy_loss(lp, old, ref, adv[idx], mask, self.loss_config)
         out.metrics["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
         return out
@@ -365,16 +380,30 @@ class GRPOModule(CausalLMModule):
         checkpoint["rlt_pl"] = {
             "nonfinite_steps": self.nonfinite_steps,
             "frozen_models": self.frozen_model_sources(),
-            "rng": {"torch": torch.get_rng_state(), "python": __import__("random").getstate()},
+            "rng": self._rng_before_val or collect_rng_states(),  # the training stream, even if saved mid-validation
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("rlt_pl", {})
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
-        rng = state.get("rng")
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            __import__("random").setstate(rng["python"])
+        # Applied right before the next training batch, not here: Lightning draws from the global RNG between
+        # restoring and training (sanity check, dataloader iterators), which an uninterrupted run did earlier.
+        self._pending_rng = state.get("rng")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._pending_rng is not None:
+            restore_rng_states(self._pending_rng)
+            self._pending_rng = None
+
+    def on_validation_start(self) -> None:
+        # Validation samples too; set the training RNG stream aside so training (and resume) does not depend on
+        # when or whether validation runs.
+        self._rng_before_val = collect_rng_states()
+
+    def on_validation_end(self) -> None:
+        if self._rng_before_val is not None:
+            restore_rng_states(self._rng_before_val)
+            self._rng_before_val = None
 
     def frozen_model_sources(self) -> dict[str, str]:
         """Frozen models that are re-loaded on resume instead of stored."""
@@ -408,10 +437,44 @@ def sync_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: f
             p_ref.lerp_(p.detach().to(p_ref.dtype), alpha)
 
 
+def collect_rng_states() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states: everything sampling and shuffling may draw from."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    """Inverse of `collect_rng_states` (CUDA states only when the device count matches).
+
+    Args:
+        states: output of `collect_rng_states` (older checkpoints may lack numpy/cuda).
+    """
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "numpy" in states:
+        np.random.set_state(states["numpy"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def copy_frozen(model: torch.nn.Module) -> torch.nn.Module:
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     return ref.eval()
 
 
-__all__ = ["GRPOModule", "Reward", "RewardResult", "TaskReward", "sync_reference", "copy_frozen", "is_lora", "math"]
+__all__ = [
+    "GRPOModule",
+    "Reward",
+    "RewardResult",
+    "TaskReward",
+    "sync_reference",
+    "copy_frozen",
+    "collect_rng_states",
+    "restore_rng_states",
+    "is_lora",
+    "math",
+]
