@@ -65,8 +65,24 @@ def _trace_stats(trace_dir: Path) -> dict[str, float]:
     return stats
 
 
-def run(out: Path, scale: float = 1.0, seeds: tuple[int, ...] = (0,), fresh: bool = True) -> dict:
-    """Run the pipeline into `out`; `scale` multiplies step counts (tests use a small scale)."""
+def run(
+    out: Path,
+    scale: float = 1.0,
+    seeds: tuple[int, ...] = (0,),
+    fresh: bool = True,
+    num_train: int | None = None,
+    num_heldout: int | None = None,
+) -> dict:
+    """Run the pipeline into `out`; `scale` multiplies step counts (tests use a small scale).
+
+    Args:
+        out: output directory (exports, traces, REPORT.md, plots, timings.json, TensorBoard logs).
+        scale: multiplies every stage's step count.
+        seeds: student seeds (one distillation per trace source and seed).
+        fresh: delete `out` first.
+        num_train: override of the 2,000 training questions of teacher SFT/RL and traces (None: the configs').
+        num_heldout: override of the 200 held-out evaluation problems (None: the configs').
+    """
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +105,8 @@ def run(out: Path, scale: float = 1.0, seeds: tuple[int, ...] = (0,), fresh: boo
         return p.replace("runs/demo", rel)
 
     common = [f"--trainer.logger.init_args.save_dir={rel}/tb"]
+    train_data = [] if num_train is None else [f"--data.init_args.num_train={num_train}"]
+    heldout_data = [] if num_heldout is None else [f"--data.init_args.eval_data.init_args.num_heldout={num_heldout}"]
 
     def assets() -> None:
         from rlt_pl.formats import CompactFormat
@@ -117,6 +135,7 @@ def run(out: Path, scale: float = 1.0, seeds: tuple[int, ...] = (0,), fresh: boo
             "fit",
             "teacher_sft.yaml",
             common
+            + train_data
             + [
                 f"--trainer.max_steps={steps(900)}",
                 f"--model.init_args.model.name_or_path={rel}/pretrain",
@@ -131,7 +150,9 @@ def run(out: Path, scale: float = 1.0, seeds: tuple[int, ...] = (0,), fresh: boo
             "fit",
             "teacher_rl.yaml",
             common
+            + train_data
             + [
+                "--trainer.log_every_n_steps=1",
                 f"--trainer.max_steps={steps(60)}",
                 f"--model.init_args.model.name_or_path={rel}/teacher_sft",
                 f"--model.init_args.export_dir={rel}/teacher_rl",
@@ -146,7 +167,8 @@ def run(out: Path, scale: float = 1.0, seeds: tuple[int, ...] = (0,), fresh: boo
             lambda source=source: _cli(
                 "predict",
                 "traces.yaml",
-                [
+                train_data
+                + [
                     f"--model.init_args.model.name_or_path={rel}/teacher_{source}",
                     f"--trainer.callbacks.init_args.output_dir={rel}/traces/{source}",
                 ],
@@ -158,7 +180,7 @@ def run(out: Path, scale: float = 1.0, seeds: tuple[int, ...] = (0,), fresh: boo
             data = f"{rel}/traces/{'sft' if source == 'answer_only' else source}"
             name = f"{source}_seed{seed}"
             export = f"{rel}/students/{name}"
-            base = [
+            base = heldout_data + [
                 f"--data.init_args.data_path={data}",
                 f"--data.init_args.answer_only={source == 'answer_only'}",
                 f"--seed_everything={seed}",

@@ -129,6 +129,8 @@ class TraceWriter(BasePredictionWriter):
         from rlt_pl.modules.base import lineage
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.output_dir.glob(".shard-*.tmp"):  # left by a run killed mid-write; never a finished shard
+            stale.unlink(missing_ok=True)
         info = lineage(pl_module, {"output_dir": str(self.output_dir)})
         atomic_write_text(self.output_dir / "lineage.json", json.dumps(info, indent=2))
 

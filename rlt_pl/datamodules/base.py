@@ -21,7 +21,7 @@ from typing import Literal
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rlt_pl.tasks.base import Task
 
@@ -129,6 +129,116 @@ def collate_rows(batch: list[dict]) -> list[dict]:
         batch: Rows picked by the sampler.
     """
     return list(batch)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Seeded shuffle whose order depends only on ``(seed, epoch)``, so a resumed run can rebuild any epoch's order.
+
+    Epoch 0 gives the same order as ``RandomSampler`` with a ``Generator`` seeded ``seed``. Lightning calls
+    ``set_epoch`` before each epoch.
+
+    Args:
+        num_rows: Dataset length.
+        seed: Shuffle seed.
+        shuffle: ``False`` yields ``0..num_rows-1`` in order.
+    """
+
+    def __init__(self, num_rows: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.num_rows, self.seed, self.shuffle, self.epoch = num_rows, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration yields.
+
+        Args:
+            epoch: Epoch number (0-based).
+        """
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        import torch
+
+        if not self.shuffle:
+            return iter(range(self.num_rows))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_rows, generator=generator).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning can checkpoint mid-epoch (it is ``_Stateful``: ``state_dict``/``load_state_dict``).
+
+    The state is ``{"epoch", "batches"}``: the batches handed out in the current epoch. It counts batches leaving the
+    loader's iterator, which Lightning's fetcher does not prefetch for sized loaders, so at a checkpoint it equals
+    the batches consumed (worker prefetching happens below this count). On resume the next iteration of the same
+    epoch skips that many batches of the epoch's (reproducible) order; rows are in memory, so skipping is cheap.
+    Needs a sampler whose order depends only on the epoch (``EpochShuffleSampler``).
+    """
+
+    _epoch: int = 0
+    _batches: int = 0
+    _skip: tuple[int, int] | None = None  # (epoch, batches) restored from a checkpoint, applied once
+
+    def _sampler_epoch(self) -> int:
+        return self.sampler.epoch if isinstance(self.sampler, EpochShuffleSampler) else 0
+
+    def __iter__(self):
+        return self._counted(super().__iter__())
+
+    def _counted(self, iterator):
+        epoch, skip = self._sampler_epoch(), 0
+        if self._skip is not None and self._skip[0] == epoch and self._skip[1] < len(self):
+            skip = self._skip[1]
+        self._skip = None
+        for _ in range(skip):
+            next(iterator)
+        self._epoch, self._batches = epoch, skip
+        for batch in iterator:
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and batches handed out in it (saved by Lightning in ``loops.fit_loop.state_dict.combined_loader``)."""
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume: the next iteration of the saved epoch starts after the saved number of batches.
+
+        Args:
+            state_dict: Output of ``state_dict``.
+        """
+        if set(state_dict) != {"epoch", "batches"}:
+            raise ValueError(f"ResumableDataLoader: unexpected loader state {state_dict!r} in the checkpoint")
+        self._skip = (int(state_dict["epoch"]), int(state_dict["batches"]))
+        self._epoch, self._batches = self._skip
+
+
+def resumable_loader(
+    rows: list[dict], batch_size: int, seed: int = 0, shuffle: bool = True, num_workers: int = 0
+) -> ResumableDataLoader:
+    """A DataLoader over rows that resumes mid-epoch at the right batch with the same shuffle.
+
+    Its ``generator`` (used by torch only for the workers' base seed) is seeded too, so creating an iterator never
+    draws from torch's global RNG, which generation uses (exact resume restores that stream).
+
+    Args:
+        rows: Row dicts.
+        batch_size: Rows per batch.
+        seed: Shuffle seed.
+        shuffle: Shuffle per epoch (``EpochShuffleSampler``) or keep the order.
+        num_workers: DataLoader workers.
+    """
+    import torch
+
+    return ResumableDataLoader(
+        _Rows(rows),
+        batch_size=batch_size,
+        sampler=EpochShuffleSampler(len(rows), seed, shuffle),
+        num_workers=num_workers,
+        collate_fn=collate_rows,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 class RowDataModule(LightningDataModule):
@@ -307,17 +417,7 @@ class RowDataModule(LightningDataModule):
         return rows
 
     def _loader(self, stage: Stage, shuffle: bool) -> DataLoader:
-        import torch
-
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            _Rows(self.rows_for(stage)),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate_rows,
-            generator=generator,
-        )
+        return resumable_loader(self.rows_for(stage), self.batch_size, self.seed, shuffle, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) batches of training rows."""

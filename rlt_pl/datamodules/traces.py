@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlt_pl.datamodules.base import RowDataModule, RowError, read_local_rows, require_str
+from rlt_pl.datamodules.multi import MultiBenchmarkDataModule
 from rlt_pl.tasks.base import Task
 
 
@@ -16,7 +17,8 @@ class TracesDataModule(RowDataModule):
 
     Args:
         data_path: a directory of `shard-*.jsonl` files or a single file.
-        eval_data: benchmark DataModule whose val/test loaders and grader are used for evaluation.
+        eval_data: benchmark DataModule (or several in a MultiBenchmarkDataModule) whose val/test loaders and
+            graders are used for evaluation.
         batch_size: rows per batch.
         seed: shuffle seed.
         answer_only: drop the thought (answer-only baseline: question → solution).
@@ -28,7 +30,7 @@ class TracesDataModule(RowDataModule):
     def __init__(
         self,
         data_path: str | None = None,
-        eval_data: RowDataModule | None = None,
+        eval_data: RowDataModule | MultiBenchmarkDataModule | None = None,
         batch_size: int = 8,
         seed: int = 0,
         answer_only: bool = False,
@@ -49,7 +51,7 @@ class TracesDataModule(RowDataModule):
         )
 
     def build_task(self) -> Task | None:
-        return self.eval_data.task if self.eval_data is not None else None
+        return self.eval_data.task if isinstance(self.eval_data, RowDataModule) else None
 
     def _load_raw(self) -> list:
         if self.data_path is None:

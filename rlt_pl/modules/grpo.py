@@ -439,7 +439,11 @@ def sync_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: f
 
 def collect_rng_states() -> dict:
     """torch (CPU and CUDA), numpy and python RNG states: everything sampling and shuffling may draw from."""
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's state as tensors/ints, so checkpoints still load with torch.load(weights_only=True)
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
+    numpy_state |= {"has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -454,7 +458,9 @@ def restore_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
     if "numpy" in states:
-        np.random.set_state(states["numpy"])
+        n = states["numpy"]
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     cuda = states.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)

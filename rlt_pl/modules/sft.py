@@ -108,8 +108,10 @@ class SFTModule(CausalLMModule):
             raise ValueError("evaluation needs a DataModule with a `task` (grader)")
         if hasattr(dm, "task_for"):
             return dm.task_for(dataloader_idx), dm.name_for(dataloader_idx)
-        eval_data = getattr(dm, "eval_data", None)  # TracesDataModule evaluates on a benchmark
+        eval_data = getattr(dm, "eval_data", None)  # TracesDataModule evaluates on a benchmark (or several)
         if eval_data is not None:
+            if hasattr(eval_data, "task_for"):
+                return eval_data.task_for(dataloader_idx), eval_data.name_for(dataloader_idx)
             return eval_data.task, eval_data.name
         return dm.task, dm.name
 
