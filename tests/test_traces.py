@@ -1,0 +1,133 @@
+"""Trace generation: schema of written rows, atomic shards, rerun skips finished shards, SIGKILL mid-run loses and
+duplicates nothing, overflow handling is counted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from lightning.pytorch import Trainer
+
+from rlt_pl.callbacks.trace_writer import TraceWriter
+from rlt_pl.datamodules.addition import AdditionDataModule
+from rlt_pl.datamodules.traces import TracesDataModule
+from rlt_pl.formats import CompactFormat
+from rlt_pl.generation import SamplingConfig
+from rlt_pl.models import ModelConfig
+from rlt_pl.modules.sft import TeacherSFTModule
+from rlt_pl.tiny import build_compact_assets
+
+TRACE_KEYS = {"id", "question", "solution", "answer", "thought", "matched", "completion_tokens", "reward", "metadata"}
+
+
+@pytest.fixture(scope="module")
+def compact_dirs(tmp_path_factory):
+    return build_compact_assets(tmp_path_factory.mktemp("compact"), CompactFormat().tag_tokens())
+
+
+def _predict(teacher_dir, out_dir, num_train=24, **writer_kwargs) -> TraceWriter:
+    module = TeacherSFTModule(
+        ModelConfig(str(teacher_dir), dtype="float32"),
+        format=CompactFormat(),
+        sampling=SamplingConfig(max_new_tokens=12, temperature=0.7),
+    )
+    writer = TraceWriter(str(out_dir), **writer_kwargs)
+    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False)
+    data = AdditionDataModule(num_train=num_train, num_heldout=4, batch_size=8)
+    trainer.predict(module, datamodule=data, return_predictions=False)
+    return writer
+
+
+def test_predict_writes_valid_shards_and_rerun_skips_them(compact_dirs, tmp_path):
+    out = tmp_path / "traces"
+    writer = _predict(compact_dirs["teacher"], out)
+    shards = sorted(out.glob("shard-*.jsonl"))
+    assert len(shards) == 3
+    rows = [json.loads(line) for s in shards for line in s.read_text().splitlines()]
+    assert len(rows) == 24 and len({r["id"] for r in rows}) == 24
+    for row in rows:
+        assert set(row) == TRACE_KEYS
+        assert isinstance(row["thought"], str) and isinstance(row["matched"], bool)
+        assert row["solution"] == str(row["metadata"]["a"] + row["metadata"]["b"])
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["model"] == str(compact_dirs["teacher"]) and len(lineage["model_sha256"]) == 16
+    assert lineage["sampling"]["temperature"] == 0.7
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == 24 and summary["written"] == 24
+    assert summary["unmatched"] == sum(not r["matched"] for r in rows)
+
+    dm = TracesDataModule(data_path=str(out), batch_size=4)
+    dm.setup("fit")
+    assert len(dm.rows) == 24 and dm.invalid_rows == []
+
+    before = {s.name: s.read_bytes() for s in shards}
+    writer2 = _predict(compact_dirs["teacher"], out)
+    assert writer2.counts["skipped_shards"] == 3 and writer2.counts["written"] == 0
+    assert {s.name: s.read_bytes() for s in sorted(out.glob("shard-*.jsonl"))} == before
+
+
+def test_overflow_is_counted_and_handled(compact_dirs, tmp_path):
+    dropped = _predict(compact_dirs["teacher"], tmp_path / "drop", num_train=8, max_trace_tokens=6, overflow="drop")
+    assert dropped.counts["overflow"] == 8 and dropped.counts["dropped"] == 8 and dropped.counts["written"] == 0
+    truncated = _predict(
+        compact_dirs["teacher"], tmp_path / "trunc", num_train=8, max_trace_tokens=14, overflow="truncate"
+    )
+    rows = [json.loads(line) for s in (tmp_path / "trunc").glob("shard-*.jsonl") for line in s.read_text().splitlines()]
+    assert len(rows) == 8
+    assert truncated.counts["overflow"] == sum(bool(r.get("truncated")) for r in rows)
+
+
+def test_sigkill_mid_generation_then_rerun_completes_without_duplicates(compact_dirs, tmp_path):
+    out = tmp_path / "traces"
+    config = tmp_path / "predict.yaml"
+    config.write_text(
+        f"""
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  logger: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: rlt_pl.callbacks.trace_writer.TraceWriter
+      init_args: {{output_dir: {out}}}
+model:
+  class_path: rlt_pl.modules.sft.TeacherSFTModule
+  init_args:
+    model: {{name_or_path: {compact_dirs["teacher"]}, dtype: float32}}
+    format: {{class_path: rlt_pl.formats.CompactFormat}}
+    sampling: {{max_new_tokens: 40, temperature: 0.7}}
+data:
+  class_path: rlt_pl.datamodules.addition.AdditionDataModule
+  init_args: {{num_train: 600, num_heldout: 4, batch_size: 20}}
+"""
+    )
+    cmd = [sys.executable, "-m", "rlt_pl", "predict", "-c", str(config)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("shard-*.jsonl"))) < 2:
+        assert proc.poll() is None, "predict exited before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = {s.name: s.read_bytes() for s in out.glob("shard-*.jsonl")}
+    assert 2 <= len(first) < 30, "the kill should land mid-run"
+    for data in first.values():  # complete shards only: every line parses
+        assert all(json.loads(line)["id"] for line in data.decode().splitlines())
+
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = sorted(out.glob("shard-*.jsonl"))
+    assert len(shards) == 30
+    ids = [json.loads(line)["id"] for s in shards for line in s.read_text().splitlines()]
+    assert len(ids) == 600 and len(set(ids)) == 600
+    assert {f"add-train-{i}" for i in range(600)} == set(ids)
+    assert all(out.joinpath(name).read_bytes() == data for name, data in first.items())
+    assert not list(out.glob(".shard-*"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_shards"] == len(first)
