@@ -72,6 +72,7 @@ def run(
     fresh: bool = True,
     num_train: int | None = None,
     num_heldout: int | None = None,
+    rl_steps: int | None = None,
 ) -> dict:
     """Run the pipeline into `out`; `scale` multiplies step counts (tests use a small scale).
 
@@ -82,6 +83,7 @@ def run(
         fresh: delete `out` first.
         num_train: override of the 2,000 training questions of teacher SFT/RL and traces (None: the configs').
         num_heldout: override of the 200 held-out evaluation problems (None: the configs').
+        rl_steps: override of the teacher-RL step count (None: the config's, times `scale`).
     """
     if fresh and out.exists():
         shutil.rmtree(out)
@@ -153,7 +155,7 @@ def run(
             + train_data
             + [
                 "--trainer.log_every_n_steps=1",
-                f"--trainer.max_steps={steps(60)}",
+                f"--trainer.max_steps={rl_steps or steps(60)}",
                 f"--model.init_args.model.name_or_path={rel}/teacher_sft",
                 f"--model.init_args.export_dir={rel}/teacher_rl",
                 "--trainer.logger.init_args.name=teacher_rl",

@@ -108,9 +108,10 @@ def test_fit_tiny_config_end_to_end(tiny_cwd, monkeypatch):
 
     saved = log_dir / "config.yaml"
     assert saved.exists()
-    # run=False has no subcommands, so fit's own `ckpt_path` (null here) is the one key it does not accept
+    # run=False has no subcommands, so fit's own arguments (`ckpt_path`, `weights_only`) are dropped first
     config = yaml.safe_load(saved.read_text())
     assert config.pop("ckpt_path") is None
+    config.pop("weights_only", None)
     replay = log_dir / "replay.yaml"
     replay.write_text(yaml.safe_dump(config))
     again = cli_main(["-c", str(replay)], run=False)

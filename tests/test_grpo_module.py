@@ -53,7 +53,8 @@ def _trainer(steps: int, callbacks: list) -> L.Trainer:
 
 
 def test_grpo_learns_verifiable_reward(compact_dirs):
-    """40 GRPO steps (G = 8, 2 prompts, β = 0.04 against a frozen copy) raise the "7" fraction from ~0 to > 0.4."""
+    """40 GRPO steps (G = 8, 2 prompts) raise the "7" fraction from ~0 to > 0.3 (β = 0 keeps it fast; the KL
+    reference path is exercised in test_teacher_rl.py)."""
     L.seed_everything(0)
     module = GRPOModule(
         ModelConfig(str(compact_dirs["teacher"]), dtype="float32"),
@@ -62,8 +63,8 @@ def test_grpo_learns_verifiable_reward(compact_dirs):
         num_generations=8,
         micro_batch_size=16,
         lr=3e-3,
-        loss=PolicyLossConfig(beta=0.04),
-        reference="copy",
+        loss=PolicyLossConfig(beta=0.0),
+        reference="none",
         sampling=SamplingConfig(max_new_tokens=12, temperature=1.0),
         sample_table_every_n_steps=0,
     )
@@ -74,11 +75,10 @@ def test_grpo_learns_verifiable_reward(compact_dirs):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.3, (first, last, rewards)
     final = rec.steps[-1]
-    for key in ("train/policy_loss", "train/kl_loss", "train/kl", "train/entropy", "train/grad_norm", "train/sevens"):
+    for key in ("train/policy_loss", "train/entropy", "train/grad_norm", "train/sevens", "train/reward_std"):
         assert key in final and torch.isfinite(torch.tensor(final[key])), key
-    assert final["train/kl"] > 0  # the policy moved away from the frozen reference
     assert "train/skipped_steps" not in final
-    assert module.ref_model is not None and not any(p.requires_grad for p in module.ref_model.parameters())
+    assert module.ref_model is None
 
 
 def test_task_reward_grades_answers():

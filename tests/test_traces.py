@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from lightning.pytorch import Trainer
@@ -46,7 +45,7 @@ def _predict(teacher_dir, out_dir, num_train=24, **writer_kwargs) -> TraceWriter
 
 def test_predict_writes_valid_shards_and_rerun_skips_them(compact_dirs, tmp_path):
     out = tmp_path / "traces"
-    writer = _predict(compact_dirs["teacher"], out)
+    _predict(compact_dirs["teacher"], out)
     shards = sorted(out.glob("shard-*.jsonl"))
     assert len(shards) == 3
     rows = [json.loads(line) for s in shards for line in s.read_text().splitlines()]
