@@ -53,11 +53,14 @@ def causal_logprobs(
     attention_mask: Tensor,
     temperature: float = 1.0,
     token_budget: int | None = None,
+    last_n: int | None = None,
 ) -> Tensor:
     """Token-aligned log-probs `out[:, j] = log p(x_j | x_<j)` (0 at j = 0 and at padding), chunked by tokens.
 
     Positions come from the attention mask, so left and right padding are both exact (P12). Rows are grouped by
     length so each chunk holds at most `token_budget` tokens (rows × padded width); padding columns are trimmed.
+    With `last_n`, only the last `last_n` columns are scored (the LM head runs on those alone, via
+    `logits_to_keep`): GRPO needs the completion, not a long prompt's `[P, V]` logits.
     """
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     lengths = attention_mask.sum(-1)
@@ -74,10 +77,17 @@ def causal_logprobs(
         lo, hi = int(keep.min()) if keep.numel() else 0, int(keep.max()) + 1 if keep.numel() else 1
         ids, attn = ids[:, lo:hi], attn[:, lo:hi]
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
         prev = torch.nn.functional.pad(attn[:, :-1], (1, 0))  # a row's first real token has no context: 0
-        lp = token_logprobs(logits, ids, temperature) * attn * prev
-        out[rows, lo:hi] = lp.float()
+        k = hi - max(lo, input_ids.shape[1] - last_n) if last_n is not None else hi - lo
+        if k <= 0:
+            continue
+        if k < hi - lo:
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=k + 1).logits
+            lp = token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:]
+        else:
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+            lp = token_logprobs(logits, ids, temperature)
+        out[rows, hi - k : hi] = (lp * attn[:, -k:] * prev[:, -k:]).float()
     return out
 
 
@@ -90,6 +100,7 @@ def teacher_logprobs_from_policy(
     completion_mask: Tensor,
     completions: Sequence[str],
     logprobs: Tensor,
+    scored_from: int = 0,
 ) -> PackedTokens:
     """Teacher explanation tokens and log-probs from a policy forward over `[prompt ‖ completion]` (sampled ids).
 
@@ -100,6 +111,7 @@ def teacher_logprobs_from_policy(
         completion_ids: [B, C] right-padded sampled ids; completion_mask [B, C].
         completions: decoded completions (`skip_special_tokens=True`), as the reward parses them.
         logprobs: [B, P + C] token-aligned policy log-probs at the teacher temperature.
+        scored_from: first column of `logprobs` that was computed (see `causal_logprobs(last_n=...)`).
     """
     ends = []
     for text in completions:
@@ -108,6 +120,8 @@ def teacher_logprobs_from_policy(
     comp = completion_explanation_mask(offsets, completion_ids, completion_mask, torch.tensor(ends))
     pad = suffix_span_mask(offsets, prompt_ids, prompt_mask, len(fmt.explanation_padding.encode("utf-8")))
     mask = torch.cat([pad, comp.to(pad.device)], dim=1)
+    if scored_from > 0 and bool(mask[:, :scored_from].any()):
+        raise ValueError("explanation tokens lie before the scored columns; raise grpo.PROMPT_TAIL_TOKENS")
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     packed_lp, packed_mask = pack_masked(logprobs, mask)
     packed_ids, _ = pack_masked(ids, mask)

@@ -102,7 +102,8 @@ def test_malformed_rows_are_counted_and_reported_by_id(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- reward inputs
 def test_completion_without_tags_gets_the_match_penalty(compact):
-    result, metrics = _score(compact, ["<E>12 plus 30</E>", "no tags at all", "<E>never closed"])
+    # the RL prompt ends with the explanation tag: a completion is `explanation</E>`
+    result, metrics = _score(compact, ["12 plus 30</E>", "no closing tag at all", "<E>"])
     assert result.matched.tolist() == [True, False, False]
     assert result.counts["unmatched"] == 2
     assert result.output.match.tolist() == [0.0, -1.0, -1.0]
@@ -111,7 +112,7 @@ def test_completion_without_tags_gets_the_match_penalty(compact):
 
 
 def test_empty_explanation_takes_the_nan_penalty_path(compact):
-    result, _ = _score(compact, ["<E></E>", "<E>12 plus 30 is 42</E>"])
+    result, _ = _score(compact, ["</E>", "12 plus 30 is 42</E>"])
     comps = result.output.components
     assert result.explanations[0] == ""
     assert bool(comps["rkl_nan_filled"][0]) and not bool(comps["rkl_nan_filled"][1])
@@ -120,12 +121,15 @@ def test_empty_explanation_takes_the_nan_penalty_path(compact):
 
 
 def test_context_overflow_is_counted_and_penalised(compact):
-    long = "<E>" + "the sum " * 40 + "</E>"
-    full, _ = _score(compact, [long, "<E>42</E>"])
-    cut, _ = _score(compact, [long, "<E>42</E>"], max_length=60)
+    long = "the sum " * 40 + "</E>"
+    full, _ = _score(compact, [long, "42</E>"])
+    cut, _ = _score(compact, [long, "42</E>"], max_length=60)
     assert cut.counts["overflow"] == 1 and full.counts["overflow"] == 0
     assert bool(cut.output.components["rss_nan_filled"][0]) and bool(cut.output.components["rkl_nan_filled"][0])
-    assert cut.output.reward[0] < full.output.reward[0]
+    paper = RewardConfig()  # the fixed penalties: rSS NaN -> -1 per coefficient, rKL NaN -> +1 (negated)
+    penalty = -sum(paper.answer_log_prob_coeffs) - sum(paper.kl_penalty_coeffs) + float(cut.output.match[0])
+    assert float(cut.output.reward[0]) == pytest.approx(penalty)
+    assert float(full.output.reward[0]) != pytest.approx(penalty)
     torch.testing.assert_close(cut.output.reward[1], full.output.reward[1], atol=1e-6, rtol=0)
 
 

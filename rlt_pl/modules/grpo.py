@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -32,6 +33,9 @@ from rlt_pl.modules.base import CausalLMModule, markdown_table
 from rlt_pl.rewards import token_logprobs
 from rlt_pl.scoring import causal_logprobs
 from rlt_pl.tasks.base import Task
+
+# Prompt tokens scored by the no-grad policy forward besides the completion (the RLT explanation padding).
+PROMPT_TAIL_TOKENS = 32
 
 
 @dataclass
@@ -170,13 +174,14 @@ class GRPOModule(CausalLMModule):
         t = self.sampling.temperature
         return t if self.unbias_logprobs and t > 0 else 1.0
 
-    def reference_logprobs(self, ids: Tensor, attn: Tensor) -> Tensor | None:
+    def reference_logprobs(self, ids: Tensor, attn: Tensor, last_n: int | None = None) -> Tensor | None:
         if self.loss_config.beta <= 0:
             return None
+        t, budget = self.loss_temperature, self.token_budget
         if self.reference == "adapter":
             with reference_mode(self.model):
-                return causal_logprobs(self.model, ids, attn, self.loss_temperature, self.token_budget)
-        return causal_logprobs(self.ref_model, ids, attn, self.loss_temperature, self.token_budget)
+                return causal_logprobs(self.model, ids, attn, t, budget, last_n)
+        return causal_logprobs(self.ref_model, ids, attn, t, budget, last_n)
 
     # ---------------------------------------------------------------- prompts and reward
     def build_prompt(self, row: dict) -> str:
@@ -211,9 +216,12 @@ class GRPOModule(CausalLMModule):
         ids = torch.cat([gen.prompt_ids, gen.completion_ids], 1).to(device)
         attn = torch.cat([gen.prompt_mask, gen.completion_mask], 1).to(device)
         policy_lp = None
-        if self.needs_policy_logprobs():
-            policy_lp = causal_logprobs(self.model, ids, attn, self.loss_temperature, self.token_budget)
-        ref_lp = self.reference_logprobs(ids, attn)
+        comp_len = gen.completion_ids.shape[1]
+        if self.needs_policy_logprobs():  # + a prompt tail: the RLT reward scores the explanation padding too
+            policy_lp = causal_logprobs(
+                self.model, ids, attn, self.loss_temperature, self.token_budget, last_n=comp_len + PROMPT_TAIL_TOKENS
+            )
+        ref_lp = self.reference_logprobs(ids, attn, last_n=comp_len)
         t2 = time.perf_counter()
         repeated = [r for r in rows for _ in range(n)]
         result = self.compute_reward(repeated, gen, policy_lp)
@@ -297,12 +305,13 @@ class GRPOModule(CausalLMModule):
         return out
 
     def _clip_and_step(self, opt) -> Tensor:
-        params = self.trainable_parameters()
-        if self.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        """Clip by global norm (FSDP: the sharded model's own `clip_grad_norm_`), then step unless non-finite."""
+        max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")  # inf: measure only
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
+            grad_norm = strategy.model.clip_grad_norm_(max_norm)
         else:
-            grads = [p.grad.norm() for p in params if p.grad is not None]
-            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm)
         if not torch.isfinite(grad_norm):
             opt.zero_grad()
             self._nonfinite("non-finite gradient norm")

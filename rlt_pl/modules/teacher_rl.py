@@ -18,7 +18,7 @@ import torch
 
 from rlt_pl.callbacks.student_reward import StudentRewardCallback, find_student_reward
 from rlt_pl.models import ModelConfig
-from rlt_pl.modules.grpo import GRPOModule, Reward, RewardResult
+from rlt_pl.modules.grpo import PROMPT_TAIL_TOKENS, GRPOModule, Reward, RewardResult
 from rlt_pl.scoring import teacher_logprobs_from_policy
 
 
@@ -56,6 +56,7 @@ class RLTReward(Reward):
                 gen.completion_mask,
                 texts,
                 lp.cpu(),
+                scored_from=max(0, lp.shape[1] - gen.completion_ids.shape[1] - PROMPT_TAIL_TOKENS),
             )
         result, metrics = cb.score(module, questions, solutions, texts, teacher_tokens, module.model, prompts)
         metrics["explanation_chars"] = torch.tensor([float(len(e)) for e in result.explanations])
