@@ -24,6 +24,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import yaml
+
 CONFIGS = Path("configs/experiment/demo")
 
 
@@ -73,6 +75,7 @@ def run(
     num_train: int | None = None,
     num_heldout: int | None = None,
     rl_steps: int | None = None,
+    students_only: bool = False,
 ) -> dict:
     """Run the pipeline into `out`; `scale` multiplies step counts (tests use a small scale).
 
@@ -84,7 +87,13 @@ def run(
         num_train: override of the 2,000 training questions of teacher SFT/RL and traces (None: the configs').
         num_heldout: override of the 200 held-out evaluation problems (None: the configs').
         rl_steps: override of the teacher-RL step count (None: the config's, times `scale`).
+        students_only: reuse the teachers and traces already in `out`; distil and evaluate students for `seeds`
+            (adds them to the report, e.g. more seeds after a first run).
     """
+    if students_only:
+        fresh = False
+        if not (out / "summary.json").exists():
+            raise FileNotFoundError(f"students_only needs a finished demo run in {out}")
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +101,9 @@ def run(
     rel = os.path.relpath(out)
     rel = str(out.resolve()) if rel.startswith("..") else rel
 
-    def steps(n: int) -> str:
+    def steps(config: str) -> str:
+        """The stage config's `trainer.max_steps`, times `scale`."""
+        n = yaml.safe_load((CONFIGS / config).read_text())["trainer"]["max_steps"]
         return str(max(2, int(n * scale)))
 
     def stage(name: str, fn) -> object:
@@ -110,73 +121,78 @@ def run(
     train_data = [] if num_train is None else [f"--data.init_args.num_train={num_train}"]
     heldout_data = [] if num_heldout is None else [f"--data.init_args.eval_data.init_args.num_heldout={num_heldout}"]
 
-    def assets() -> None:
-        from rlt_pl.formats import CompactFormat
-        from rlt_pl.tiny import build_compact_assets
+    if not students_only:
 
-        build_compact_assets(out / "assets", CompactFormat().tag_tokens(), seed=0)
+        def assets() -> None:
+            from rlt_pl.formats import CompactFormat
+            from rlt_pl.tiny import build_compact_assets
 
-    stage("assets", assets)
-    stage(
-        "pretrain",
-        lambda: _cli(
-            "fit",
-            "pretrain.yaml",
-            common
-            + [
-                f"--trainer.max_steps={steps(900)}",
-                f"--model.init_args.model.name_or_path={rel}/assets/student",
-                f"--model.init_args.export_dir={rel}/pretrain",
-                "--trainer.logger.init_args.name=pretrain",
-            ],
-        ),
-    )
-    stage(
-        "teacher_sft",
-        lambda: _cli(
-            "fit",
-            "teacher_sft.yaml",
-            common
-            + train_data
-            + [
-                f"--trainer.max_steps={steps(900)}",
-                f"--model.init_args.model.name_or_path={rel}/pretrain",
-                f"--model.init_args.export_dir={rel}/teacher_sft",
-                "--trainer.logger.init_args.name=teacher_sft",
-            ],
-        ),
-    )
-    stage(
-        "teacher_rl",
-        lambda: _cli(
-            "fit",
-            "teacher_rl.yaml",
-            common
-            + train_data
-            + [
-                "--trainer.log_every_n_steps=1",
-                f"--trainer.max_steps={rl_steps or steps(60)}",
-                f"--model.init_args.model.name_or_path={rel}/teacher_sft",
-                f"--model.init_args.export_dir={rel}/teacher_rl",
-                "--trainer.logger.init_args.name=teacher_rl",
-                f"--trainer.callbacks.init_args.student.name_or_path={rel}/pretrain",
-            ],
-        ),
-    )
-    for source in ("sft", "rl"):
+            build_compact_assets(out / "assets", CompactFormat().tag_tokens(), seed=0)
+
+        stage("assets", assets)
         stage(
-            f"traces_{source}",
-            lambda source=source: _cli(
-                "predict",
-                "traces.yaml",
-                train_data
+            "pretrain",
+            lambda: _cli(
+                "fit",
+                "pretrain.yaml",
+                common
                 + [
-                    f"--model.init_args.model.name_or_path={rel}/teacher_{source}",
-                    f"--trainer.callbacks.init_args.output_dir={rel}/traces/{source}",
+                    f"--trainer.max_steps={steps('pretrain.yaml')}",
+                    f"--model.init_args.model.name_or_path={rel}/assets/student",
+                    f"--model.init_args.export_dir={rel}/pretrain",
+                    "--trainer.logger.init_args.name=pretrain",
                 ],
             ),
         )
-    results: dict[str, dict] = {}
+        stage(
+            "teacher_sft",
+            lambda: _cli(
+                "fit",
+                "teacher_sft.yaml",
+                common
+                + train_data
+                + [
+                    f"--trainer.max_steps={steps('teacher_sft.yaml')}",
+                    f"--model.init_args.model.name_or_path={rel}/pretrain",
+                    f"--model.init_args.export_dir={rel}/teacher_sft",
+                    "--trainer.logger.init_args.name=teacher_sft",
+                ],
+            ),
+        )
+        stage(
+            "teacher_rl",
+            lambda: _cli(
+                "fit",
+                "teacher_rl.yaml",
+                common
+                + train_data
+                + [
+                    "--trainer.log_every_n_steps=1",
+                    f"--trainer.max_steps={rl_steps or steps('teacher_rl.yaml')}",
+                    f"--model.init_args.model.name_or_path={rel}/teacher_sft",
+                    f"--model.init_args.export_dir={rel}/teacher_rl",
+                    "--trainer.logger.init_args.name=teacher_rl",
+                    f"--trainer.callbacks.init_args.student.name_or_path={rel}/pretrain",
+                ],
+            ),
+        )
+        for source in ("sft", "rl"):
+            stage(
+                f"traces_{source}",
+                lambda source=source: _cli(
+                    "predict",
+                    "traces.yaml",
+                    train_data
+                    + [
+                        f"--model.init_args.model.name_or_path={rel}/teacher_{source}",
+                        f"--trainer.callbacks.init_args.output_dir={rel}/traces/{source}",
+                    ],
+                ),
+            )
+
+    previous = json.loads((out / "summary.json").read_text()) if students_only else {}
+    results: dict[str, dict] = dict(previous.get("students", {}))
+    timings.update({k: v for k, v in previous.get("timings", {}).items() if k not in timings})
     for seed in seeds:
         for source in ("sft", "rl", "answer_only"):
             data = f"{rel}/traces/{'sft' if source == 'answer_only' else source}"
@@ -195,7 +211,7 @@ def run(
                     common
                     + base
                     + [
-                        f"--trainer.max_steps={steps(830)}",
+                        f"--trainer.max_steps={steps('distill.yaml')}",
                         f"--model.init_args.export_dir={export}",
                         f"--model.init_args.model.name_or_path={rel}/assets/student",
                         f"--trainer.logger.init_args.name=distill_{name}",
@@ -232,7 +248,8 @@ def run(
         ],
     )
     traces = {s: _trace_stats(out / "traces" / s) for s in ("sft", "rl")}
-    summary = {"timings": timings, "students": results, "traces": traces, "rl": rl_curves, "seeds": list(seeds)}
+    all_seeds = sorted(set(seeds) | set(previous.get("seeds", [])))
+    summary = {"timings": timings, "students": results, "traces": traces, "rl": rl_curves, "seeds": all_seeds}
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(out, summary)
@@ -327,12 +344,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--students-only", action="store_true", help="reuse the teachers/traces in --out (more seeds)")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
-    summary = run(Path(args.out), scale=args.scale, seeds=tuple(args.seeds))
+    summary = run(Path(args.out), scale=args.scale, seeds=tuple(args.seeds), students_only=args.students_only)
     print(f"\nRLT demo finished in {time.perf_counter() - t0:.0f} s")
     for name, acc in summary["students"].items():
         print(f"  student {name:<20} held-out accuracy T=0.7 {acc['t0.7']:5.1f}%  greedy {acc['greedy']:5.1f}%")
