@@ -16,7 +16,7 @@ from __future__ import annotations
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader
 
-from rlt_pl.datamodules.base import RowDataModule, _Rows, collate_rows
+from rlt_pl.datamodules.base import RowDataModule, resumable_loader
 from rlt_pl.tasks.base import Task
 
 
@@ -87,16 +87,8 @@ class ColdStartDataModule(LightningDataModule):
         return rows
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) batches of training prompts."""
-        import torch
-
-        return DataLoader(
-            _Rows(self.train_rows()),
-            batch_size=self.batch_size,
-            shuffle=True,
-            collate_fn=collate_rows,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        """Shuffled (seeded) batches of training prompts; resumes mid-epoch exactly (see RowDataModule)."""
+        return resumable_loader(self.train_rows(), self.batch_size, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader:
         """The benchmark's validation rows."""
