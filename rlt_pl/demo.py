@@ -101,10 +101,11 @@ def run(
     rel = os.path.relpath(out)
     rel = str(out.resolve()) if rel.startswith("..") else rel
 
-    def steps(config: str) -> str:
-        """The stage config's `trainer.max_steps`, times `scale`."""
+    def steps(config: str, fraction: float = 1.0) -> str:
+        """The stage config's `trainer.max_steps`, times `scale` (and `fraction`: the answer-only baseline's
+        sequences carry no thought and it stays near chance whatever its length, so it gets half the steps)."""
         n = yaml.safe_load((CONFIGS / config).read_text())["trainer"]["max_steps"]
-        return str(max(2, int(n * scale)))
+        return str(max(2, int(n * scale * fraction)))
 
     def stage(name: str, fn) -> object:
         t0 = time.perf_counter()
@@ -211,7 +212,7 @@ def run(
                     common
                     + base
                     + [
-                        f"--trainer.max_steps={steps('distill.yaml')}",
+                        f"--trainer.max_steps={steps('distill.yaml', 0.5 if source == 'answer_only' else 1.0)}",
                         f"--model.init_args.export_dir={export}",
                         f"--model.init_args.model.name_or_path={rel}/assets/student",
                         f"--trainer.logger.init_args.name=distill_{name}",

@@ -26,9 +26,7 @@ def between(text: str, start: str, end: str) -> str:
     """Text strictly between the first ``start`` and the first ``end`` after it.
 
     Args:
-        text: Trace.
-        start: Opening tag.
-        end: Closing tag.
+        **kwargs: `RowDataModule` arguments (data_path, batch_size, seed, stage_splits, hf_path, ...).
     """
     i = text.find(start)
     if i == -1:
@@ -68,31 +66,9 @@ class BespokeStratosDataModule(RowDataModule):
     default_hf_path = "bespokelabs/Bespoke-Stratos-17k"
     hf_split = "train"
 
-    def __init__(
-        self,
-        data_path: str | None = None,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        limit: int | None = None,
-        seed: int = 0,
-        val_size: int = 0,
-        test_size: int = 0,
-        stage_splits: dict[str, str] | None = None,
-        hf_path: str | None = None,
-        timeout_seconds: int = 5,
-    ) -> None:
+    def __init__(self, timeout_seconds: int = 5, **kwargs) -> None:
         self.timeout_seconds = timeout_seconds
-        super().__init__(
-            data_path=data_path,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            limit=limit,
-            seed=seed,
-            val_size=val_size,
-            test_size=test_size,
-            stage_splits=stage_splits,
-            hf_path=hf_path,
-        )
+        super().__init__(**kwargs)
 
     def build_task(self) -> MathTask:
         """Math grader (Bespoke answers are boxed; code rows simply never match)."""

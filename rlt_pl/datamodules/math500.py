@@ -10,41 +10,17 @@ class MATH500DataModule(RowDataModule):
     """MATH-500 benchmark rows (fields ``problem, solution, answer, subject, level, unique_id``).
 
     Args:
-        data_path: Local file in the Hub schema instead of the Hub.
-        batch_size: Rows per batch.
-        num_workers: DataLoader workers.
-        limit: Use only the first ``limit`` rows.
-        seed: Loader seed.
-        stage_splits: Stage → split mapping (default: all rows for val/test/predict).
-        hf_path: Override of the Hub id (e.g. SkyThought's ``qq8933/MATH500``, same columns).
         timeout_seconds: math_verify time limit per comparison.
+        **kwargs: `RowDataModule` arguments (data_path, batch_size, seed, stage_splits, hf_path, ...).
     """
 
     name = "math500"
     default_hf_path = "HuggingFaceH4/MATH-500"
     hf_split = "test"
 
-    def __init__(
-        self,
-        data_path: str | None = None,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        limit: int | None = None,
-        seed: int = 0,
-        stage_splits: dict[str, str] | None = None,
-        hf_path: str | None = None,
-        timeout_seconds: int = 5,
-    ) -> None:
+    def __init__(self, timeout_seconds: int = 5, **kwargs) -> None:
         self.timeout_seconds = timeout_seconds
-        super().__init__(
-            data_path=data_path,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            limit=limit,
-            seed=seed,
-            stage_splits=stage_splits,
-            hf_path=hf_path,
-        )
+        super().__init__(**kwargs)
 
     def build_task(self) -> MathTask:
         """Math grader named ``math500``."""
