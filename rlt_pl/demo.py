@@ -199,6 +199,7 @@ def run(
             data = f"{rel}/traces/{'sft' if source == 'answer_only' else source}"
             name = f"{source}_seed{seed}"
             export = f"{rel}/students/{name}"
+            max_steps = steps("distill.yaml", 0.5 if source == "answer_only" else 1.0)
             base = heldout_data + [
                 f"--data.init_args.data_path={data}",
                 f"--data.init_args.answer_only={source == 'answer_only'}",
@@ -206,13 +207,13 @@ def run(
             ]
             stage(
                 f"distill_{name}",
-                lambda base=base, export=export, name=name: _cli(
+                lambda base=base, export=export, name=name, max_steps=max_steps: _cli(
                     "fit",
                     "distill.yaml",
                     common
                     + base
                     + [
-                        f"--trainer.max_steps={steps('distill.yaml', 0.5 if source == 'answer_only' else 1.0)}",
+                        f"--trainer.max_steps={max_steps}",
                         f"--model.init_args.export_dir={export}",
                         f"--model.init_args.model.name_or_path={rel}/assets/student",
                         f"--trainer.logger.init_args.name=distill_{name}",
