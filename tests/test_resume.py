@@ -216,3 +216,21 @@ def test_rng_states_round_trip():
     restore_rng_states(state)
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]
+
+
+def test_length_bucketing_is_deterministic_groups_lengths_and_covers_every_row():
+    from rlt_pl.datamodules.base import LengthBucketSampler
+
+    lengths = [(i * 37) % 101 for i in range(300)]
+    sampler = LengthBucketSampler(lengths, batch_size=10, seed=3, window_batches=5)
+    sampler.set_epoch(1)
+    order = list(sampler)
+    assert sorted(order) == list(range(300)) and order == list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) != order
+    spread = [
+        max(lengths[i] for i in order[k : k + 10]) - min(lengths[i] for i in order[k : k + 10])
+        for k in range(0, 300, 10)
+    ]
+    random_spread = [max(lengths[k : k + 10]) - min(lengths[k : k + 10]) for k in range(0, 300, 10)]
+    assert sum(spread) < 0.5 * sum(random_spread)

@@ -166,6 +166,38 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.num_rows, generator=generator).tolist())
 
 
+class LengthBucketSampler(EpochShuffleSampler):
+    """Seeded shuffle, then rows of similar length grouped into the same batch (less padding, faster SFT).
+
+    Each window of ``batch_size * window_batches`` shuffled rows is sorted by length and cut into batches, and the
+    batches of the epoch are shuffled. The order still depends only on ``(seed, epoch)``, so resume stays exact.
+
+    Args:
+        lengths: Per-row length (any proxy, e.g. characters).
+        batch_size: The loader's batch size.
+        seed: Shuffle seed.
+        window_batches: Batches per sorting window (larger: less padding, less randomness).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, window_batches: int = 32) -> None:
+        super().__init__(len(lengths), seed, shuffle=True)
+        self.lengths, self.batch_size, self.window = lengths, batch_size, batch_size * window_batches
+
+    def __iter__(self):
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_rows, generator=generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.window):
+            window = sorted(order[start : start + self.window], key=lambda i: self.lengths[i])
+            batches += [window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+        full = [b for b in batches if len(b) == self.batch_size]
+        partial = [b for b in batches if len(b) < self.batch_size]  # kept last so batching stays aligned
+        perm = torch.randperm(len(full), generator=generator).tolist()
+        return iter([i for k in perm for i in full[k]] + [i for b in partial for i in b])
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning can checkpoint mid-epoch (it is ``_Stateful``: ``state_dict``/``load_state_dict``).
 
@@ -181,7 +213,7 @@ class ResumableDataLoader(DataLoader):
     _skip: tuple[int, int] | None = None  # (epoch, batches) restored from a checkpoint, applied once
 
     def _sampler_epoch(self) -> int:
-        return self.sampler.epoch if isinstance(self.sampler, EpochShuffleSampler) else 0
+        return self.sampler.epoch if isinstance(self.sampler, EpochShuffleSampler) else 0  # incl. LengthBucketSampler
 
     def __iter__(self):
         return self._counted(super().__iter__())
@@ -215,7 +247,12 @@ class ResumableDataLoader(DataLoader):
 
 
 def resumable_loader(
-    rows: list[dict], batch_size: int, seed: int = 0, shuffle: bool = True, num_workers: int = 0
+    rows: list[dict],
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_workers: int = 0,
+    lengths: list[int] | None = None,
 ) -> ResumableDataLoader:
     """A DataLoader over rows that resumes mid-epoch at the right batch with the same shuffle.
 
@@ -228,13 +265,18 @@ def resumable_loader(
         seed: Shuffle seed.
         shuffle: Shuffle per epoch (``EpochShuffleSampler``) or keep the order.
         num_workers: DataLoader workers.
+        lengths: per-row lengths: bucket rows of similar length into batches (`LengthBucketSampler`).
     """
     import torch
 
+    if lengths is not None and shuffle:
+        sampler = LengthBucketSampler(lengths, batch_size, seed)
+    else:
+        sampler = EpochShuffleSampler(len(rows), seed, shuffle)
     return ResumableDataLoader(
         _Rows(rows),
         batch_size=batch_size,
-        sampler=EpochShuffleSampler(len(rows), seed, shuffle),
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_rows,
         generator=torch.Generator().manual_seed(seed),

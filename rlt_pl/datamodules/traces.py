@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlt_pl.datamodules.base import RowDataModule, RowError, read_local_rows, require_str
+from rlt_pl.datamodules.base import RowDataModule, RowError, read_local_rows, require_str, resumable_loader
 from rlt_pl.datamodules.multi import MultiBenchmarkDataModule
 from rlt_pl.tasks.base import Task
 
@@ -22,6 +22,7 @@ class TracesDataModule(RowDataModule):
         batch_size: rows per batch.
         seed: shuffle seed.
         answer_only: drop the thought (answer-only baseline: question → solution).
+        length_bucketing: batch traces of similar length together (less padding; order still seeded/resumable).
         hf_path: load from the Hub instead (same schema, split `train`).
     """
 
@@ -34,6 +35,7 @@ class TracesDataModule(RowDataModule):
         batch_size: int = 8,
         seed: int = 0,
         answer_only: bool = False,
+        length_bucketing: bool = False,
         hf_path: str | None = None,
         limit: int | None = None,
     ) -> None:
@@ -41,6 +43,7 @@ class TracesDataModule(RowDataModule):
             raise ValueError("data.init_args: give data_path (trace shards) or hf_path")
         self.eval_data = eval_data
         self.answer_only = answer_only
+        self.length_bucketing = length_bucketing
         super().__init__(
             data_path=data_path,
             batch_size=batch_size,
@@ -82,6 +85,17 @@ class TracesDataModule(RowDataModule):
         super().setup(stage)
         if self.eval_data is not None:
             self.eval_data.setup(stage)
+
+    def train_dataloader(self):
+        rows = self.rows_for("train")
+        lengths = [len(r["question"]) + len(r["thought"] or "") + len(r["solution"]) for r in rows]
+        return resumable_loader(
+            rows,
+            self.batch_size,
+            self.seed,
+            num_workers=self.num_workers,
+            lengths=lengths if self.length_bucketing else None,
+        )
 
     def val_dataloader(self):
         if self.eval_data is None:
