@@ -91,6 +91,16 @@ def causal_logprobs(
     return out
 
 
+def scored_suffix(mask: Tensor) -> int | None:
+    """Columns from the first masked position to the end: the LM head only runs there (skips the system prompt
+    and question, whose `[L, V]` logits dominate memory for a 150k vocabulary). None when nothing is masked."""
+    rows = mask.any(-1)
+    if not bool(rows.any()):
+        return None
+    first = int(mask[rows].float().argmax(-1).min())
+    return mask.shape[1] - first
+
+
 def teacher_logprobs_from_policy(
     fmt: RLTFormat,
     offsets: ByteOffsets,
@@ -196,6 +206,7 @@ class RLTScorer:
             batch.attention_mask.to(device),
             self.config.student_temperature,
             self.token_budget,
+            last_n=scored_suffix(batch.masks["explanation"] | batch.masks["solution"]),
         ).cpu()
         packed = []
         for name in ("solution", "explanation"):
@@ -215,6 +226,7 @@ class RLTScorer:
             batch.attention_mask.to(device),
             self.config.teacher_temperature,
             self.token_budget,
+            last_n=scored_suffix(batch.masks["explanation"]),
         ).cpu()
         plp, pmask = pack_masked(lp, batch.masks["explanation"])
         pids, _ = pack_masked(batch.input_ids, batch.masks["explanation"])

@@ -12,8 +12,6 @@ Rewards are classes chosen by `class_path` (`TaskReward` for verifiable student 
 
 from __future__ import annotations
 
-import copy
-import math
 import random
 import time
 from abc import ABC, abstractmethod
@@ -28,7 +26,7 @@ from torch import Tensor
 
 from rlt_pl.generation import GenerationOutput
 from rlt_pl.grpo import PolicyLossConfig, group_advantages, policy_loss
-from rlt_pl.models import ModelConfig, is_lora, load_causal_lm, reference_mode
+from rlt_pl.models import ModelConfig, load_causal_lm, reference_mode
 from rlt_pl.modules.base import CausalLMModule, markdown_table
 from rlt_pl.rewards import token_logprobs
 from rlt_pl.scoring import causal_logprobs
@@ -475,21 +473,12 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def copy_frozen(model: torch.nn.Module) -> torch.nn.Module:
-    ref = copy.deepcopy(model)
-    ref.requires_grad_(False)
-    return ref.eval()
-
-
 __all__ = [
     "GRPOModule",
     "Reward",
     "RewardResult",
     "TaskReward",
     "sync_reference",
-    "copy_frozen",
     "collect_rng_states",
     "restore_rng_states",
-    "is_lora",
-    "math",
 ]
