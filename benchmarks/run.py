@@ -53,7 +53,7 @@ def run_all(out: Path, quick: bool, skip: set[str], work: Path) -> dict:
 
             from benchmarks import b2_grpo_vs_trl
 
-            kw = {"n_prompts": 1, "group": 4, "new_tokens": 8, "steps": 2} if quick else {"steps": 4}
+            kw = {"n_prompts": 1, "group": 4, "new_tokens": 8, "steps": 2} if quick else {"steps": 16}
             results["b2"] = b2_grpo_vs_trl.run(assets, work, **kw)
         except ImportError:
             results["b2"] = {"skipped": "trl is not installed (pip install -e '.[bench]')"}
@@ -62,6 +62,12 @@ def run_all(out: Path, quick: bool, skip: set[str], work: Path) -> dict:
 
         size = "tiny" if quick else "small"
         results["b3"] = b3_memory.run(assets, size=size, group=2 if quick else 4, new_tokens=8 if quick else 32)
+    if "b5" not in skip:
+        from benchmarks import b5_hotspots
+
+        results["b5"] = b5_hotspots.run(
+            **({"batch": 2, "prompt_tokens": 128, "completion_tokens": 16} if quick else {})
+        )
     if "b4" not in skip:
         from benchmarks import b4_demo
 
@@ -165,6 +171,10 @@ def render(results: dict) -> str:
         lines += ["## Profile of one TeacherRLModule step (tiny model, cProfile, top by own time)", ""]
         lines += [md_table([{"stage": k, "seconds": v} for k, v in b3["profile"]["split_s"].items()])]
         lines += [md_table(b3["profile"].get("profile_top", []))]
+    b5 = results.get("b5")
+    if b5:
+        lines += ["## B5 hot spot fixed after profiling: LM head over unread prompt positions (before/after)", ""]
+        lines += [md_table(b5["rows"])]
     b4 = results.get("b4")
     if b4:
         lines += ["## B4 `make demo` stage times", ""]
