@@ -58,7 +58,7 @@ def _write_traces(path: Path) -> None:
     (path / "shard-00000.jsonl").write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.slow  # ~60-130 s on 2 loaded cores: a Countdown prompt is ~230 tokens for the character-level model
+# ~40-60 s on 2 idle cores: a Countdown prompt is ~230 tokens for the character-level model
 def test_cold_start_chain_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(REPO / "configs", target_is_directory=True)
