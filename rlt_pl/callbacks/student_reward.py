@@ -67,7 +67,14 @@ class StudentRewardCallback(Callback):
                 fmt = pl_module.format
                 probes = [fmt.explanation_start, fmt.explanation_end, fmt.thought_start, fmt.thought_end]
                 probes += [fmt.student_solution_start, fmt.student_solution_end, "What is 12 + 30?\n\n"]
-                check_tokenizers_compatible(tokenizer, student_tok, [p for p in probes if p])
+                try:
+                    check_tokenizers_compatible(tokenizer, student_tok, [p for p in probes if p])
+                except ValueError as err:
+                    raise ValueError(
+                        f"{err}\nThe reward compares teacher and student log-probs token by token (P13); use a student "
+                        "with the teacher's tokenizer, or set StudentRewardCallback.allow_tokenizer_mismatch: true "
+                        "to score everything with the teacher's tokenizer anyway"
+                    ) from err
             self._scorer = RLTScorer(
                 self.student, tokenizer, pl_module.format, self.reward_config, self.max_length, self.token_budget
             )
