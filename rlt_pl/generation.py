@@ -54,6 +54,7 @@ class GenerationOutput:
         completion_ids: [N, C] right-padded sampled ids; completion_mask [N, C] (up to and including the stop token).
         texts: decoded completions without special tokens (what rewards parse).
         finished: [N] bool, the completion stopped (EOS/stop string) before `max_new_tokens`.
+        prompts: the prompt string of each completion (repeated n times per prompt, like the ids).
     """
 
     prompt_ids: Tensor
@@ -62,6 +63,7 @@ class GenerationOutput:
     completion_mask: Tensor
     texts: list[str]
     finished: Tensor
+    prompts: list[str]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -97,6 +99,9 @@ class GenerationEngine(ABC):
     def generate(
         self, model: torch.nn.Module, tokenizer, prompts: Sequence[str], n: int, sampling: SamplingConfig
     ) -> GenerationOutput: ...
+
+    def weights_changed(self) -> None:  # noqa: B027 - an optional hook, not abstract
+        """Called after each optimizer step; engines holding their own copy of the weights re-sync."""
 
 
 class HFGenerationEngine(GenerationEngine):
@@ -155,4 +160,4 @@ class HFGenerationEngine(GenerationEngine):
         finished = (torch.isin(completion, torch.tensor(stops)) & mask.bool()).any(-1)
         cut = [row[m.bool()].tolist() for row, m in zip(completion, mask)]
         texts = tokenizer.batch_decode(cut, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return GenerationOutput(enc["input_ids"], enc["attention_mask"], completion, mask, texts, finished)
+        return GenerationOutput(enc["input_ids"], enc["attention_mask"], completion, mask, texts, finished, repeated)

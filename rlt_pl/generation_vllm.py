@@ -66,7 +66,7 @@ class VLLMGenerationEngine(GenerationEngine):
         self.seed = seed
         self.fallback: HFGenerationEngine | None = None
         self._llm = None
-        self._synced_version: int | None = None
+        self._stale = True  # the engine's weights differ from the policy's
         if not vllm_available():
             if not fallback_to_hf:
                 raise ImportError(
@@ -116,6 +116,9 @@ class VLLMGenerationEngine(GenerationEngine):
         weights = list(self._policy_weights(model).items())
         llm.apply_model(lambda m: m.load_weights(weights))
 
+    def weights_changed(self) -> None:
+        self._stale = True
+
     @torch.no_grad()
     def generate(
         self, model: torch.nn.Module, tokenizer, prompts: Sequence[str], n: int, sampling: SamplingConfig
@@ -127,10 +130,9 @@ class VLLMGenerationEngine(GenerationEngine):
         llm = self._engine(model)
         if self.enable_sleep_mode:
             llm.wake_up()
-        version = getattr(model, "_rlt_version", None)
-        if version is None or version != self._synced_version:
+        if self._stale:
             self.sync_weights(model)
-            self._synced_version = version
+            self._stale = False
         stops = stop_token_ids(tokenizer, sampling.stop_strings)
         params = SamplingParams(
             n=1,
@@ -167,4 +169,4 @@ class VLLMGenerationEngine(GenerationEngine):
             skip_special_tokens=True,
             clean_up_tokenization_spaces=False,
         )
-        return GenerationOutput(p_ids, p_mask, c_ids, mask, texts, finished)
+        return GenerationOutput(p_ids, p_mask, c_ids, mask, texts, finished, repeated)

@@ -186,8 +186,29 @@ class RLTScorer:
     def uses_teacher(self) -> bool:
         return any(c > 0 for c in self.config.kl_penalty_coeffs) and self.config.include_teacher_think_entropy
 
-    def _device(self) -> torch.device:
-        return next(self.student.parameters()).device
+    def _score_spans(
+        self, model: torch.nn.Module, rendered, temperature: float, names: Sequence[str], max_length: int | None = None
+    ) -> tuple[dict[str, PackedTokens], Tensor]:
+        """Tokenize rendered texts once, run `model` over the scored suffix, pack each named span."""
+        batch = encode_with_spans(
+            self.tokenizer, self.offsets, [r.text for r in rendered], [r.spans for r in rendered], max_length
+        )
+        scored = torch.stack([batch.masks[n] for n in names]).any(0)
+        device = next(model.parameters()).device
+        lp = causal_logprobs(
+            model,
+            batch.input_ids.to(device),
+            batch.attention_mask.to(device),
+            temperature,
+            self.token_budget,
+            last_n=scored_suffix(scored),
+        ).cpu()
+        packed = {}
+        for name in names:
+            plp, pmask = pack_masked(lp, batch.masks[name])
+            pids, _ = pack_masked(batch.input_ids, batch.masks[name])
+            packed[name] = PackedTokens(pids, plp, pmask)
+        return packed, batch.overflow
 
     def student_side(
         self, questions: Sequence[str], solutions: Sequence[str], explanations: Sequence[str]
@@ -196,41 +217,16 @@ class RLTScorer:
         rendered = [
             self.format.student_text(q, e, s, self.tokenizer) for q, e, s in zip(questions, explanations, solutions)
         ]
-        batch = encode_with_spans(
-            self.tokenizer, self.offsets, [r.text for r in rendered], [r.spans for r in rendered], self.max_length
+        packed, overflow = self._score_spans(
+            self.student, rendered, self.config.student_temperature, ("solution", "explanation"), self.max_length
         )
-        device = self._device()
-        lp = causal_logprobs(
-            self.student,
-            batch.input_ids.to(device),
-            batch.attention_mask.to(device),
-            self.config.student_temperature,
-            self.token_budget,
-            last_n=scored_suffix(batch.masks["explanation"] | batch.masks["solution"]),
-        ).cpu()
-        packed = []
-        for name in ("solution", "explanation"):
-            plp, pmask = pack_masked(lp, batch.masks[name])
-            pids, _ = pack_masked(batch.input_ids, batch.masks[name])
-            packed.append(PackedTokens(pids, plp, pmask))
-        return packed[0], packed[1], batch.overflow
+        return packed["solution"], packed["explanation"], overflow
 
     def teacher_text_side(self, teacher: torch.nn.Module, prompts: Sequence[str], completions: Sequence[str]):
         """Text path: re-encode `prompt + completion` and run the teacher (parity with the authors, P3)."""
         rendered = [self.format.teacher_scoring_text(p, c) for p, c in zip(prompts, completions)]
-        batch = encode_with_spans(self.tokenizer, self.offsets, [r.text for r in rendered], [r.spans for r in rendered])
-        device = next(teacher.parameters()).device
-        lp = causal_logprobs(
-            teacher,
-            batch.input_ids.to(device),
-            batch.attention_mask.to(device),
-            self.config.teacher_temperature,
-            self.token_budget,
-            last_n=scored_suffix(batch.masks["explanation"]),
-        ).cpu()
-        plp, pmask = pack_masked(lp, batch.masks["explanation"])
-        pids, _ = pack_masked(batch.input_ids, batch.masks["explanation"])
-        return PackedTokens(pids, plp, pmask)
+        packed, _ = self._score_spans(teacher, rendered, self.config.teacher_temperature, ("explanation",))
+        return packed["explanation"]
 
     @torch.no_grad()
     def score(

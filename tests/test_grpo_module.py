@@ -94,6 +94,7 @@ def test_task_reward_grades_answers():
         torch.ones(n, 1, dtype=torch.long),
         texts,
         torch.ones(n, dtype=torch.bool),
+        ["1+2"] * n,
     )
     out = reward(None, rows, gen, None)
     assert out.rewards.tolist() == [1.5, 0.5, 0.0]

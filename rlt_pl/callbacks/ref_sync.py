@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lightning.pytorch import Callback
 
-from rlt_pl.modules.grpo import sync_reference
+from rlt_pl.modules.grpo import GRPOModule, sync_reference
 
 
 class ReferenceSyncCallback(Callback):
@@ -25,9 +25,9 @@ class ReferenceSyncCallback(Callback):
         self.syncs = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if getattr(pl_module, "reference", None) != "copy":
+        if not isinstance(pl_module, GRPOModule) or pl_module.reference != "copy":
             raise ValueError("ReferenceSyncCallback needs model.init_args.reference: copy (a separate reference model)")
-        pl_module._ref_synced = True  # the reference will diverge from its source: keep it in checkpoints
+        pl_module.ref_synced = True  # the reference will diverge from its source: keep it in checkpoints
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -51,8 +52,6 @@ def generate_traces(module, rows: list[dict], batch_idx: int, n: int = 1) -> lis
         return None
     fmt = module.format
     prompts = [fmt.teacher_prompt(r["question"], r["solution"], module.tokenizer) for r in rows]
-    from dataclasses import replace
-
     sampling = replace(module.sampling, stop_strings=tuple(fmt.teacher_stop_strings()))
     gen = module.generate(prompts, n, sampling)
     best = list(range(0, len(rows) * n, n))
@@ -67,7 +66,7 @@ def generate_traces(module, rows: list[dict], batch_idx: int, n: int = 1) -> lis
             gen.texts,
             None,
             module.model,
-            [p for p in prompts for _ in range(n)],
+            gen.prompts,
         )
         scores = torch.nan_to_num(result.output.reward.view(len(rows), n), nan=-float("inf"))
         best = (scores.argmax(-1) + torch.arange(len(rows)) * n).tolist()

@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -159,7 +159,7 @@ def lineage(module: CausalLMModule, extra: dict | None = None) -> dict:
     info = {
         "model": path,
         "model_sha256": file_digest(path) if Path(path).exists() else None,
-        "sampling": json.loads(json.dumps(module.sampling.__dict__, default=list)),
+        "sampling": asdict(module.sampling),
         "format": type(module.format).__name__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -16,7 +16,7 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -31,6 +31,13 @@ from rlt_pl.modules.base import CausalLMModule, markdown_table
 from rlt_pl.rewards import token_logprobs
 from rlt_pl.scoring import causal_logprobs
 from rlt_pl.tasks.base import Task
+
+
+def sequences(gen: GenerationOutput, device: torch.device) -> tuple[Tensor, Tensor]:
+    """`[prompt ‖ completion]` ids and attention mask of a generation batch, on `device`."""
+    ids = torch.cat([gen.prompt_ids, gen.completion_ids], 1).to(device)
+    return ids, torch.cat([gen.prompt_mask, gen.completion_mask], 1).to(device)
+
 
 # Prompt tokens scored by the no-grad policy forward besides the completion (the RLT explanation padding).
 PROMPT_TAIL_TOKENS = 32
@@ -151,6 +158,7 @@ class GRPOModule(CausalLMModule):
         self.val_num_generations = val_num_generations
         self.ref_model: torch.nn.Module | None = None
         self.nonfinite_steps = 0
+        self.ref_synced = False  # set by ReferenceSyncCallback: the reference then diverges and is checkpointed
         self._pending_rng: dict | None = None  # RNG state from a checkpoint, applied before the next train batch
         self._rng_before_val: dict | None = None  # training RNG stream, set aside while validation samples
         self.automatic_optimization = False
@@ -199,27 +207,26 @@ class GRPOModule(CausalLMModule):
     def needs_policy_logprobs(self) -> bool:
         return self.num_iterations > 1 or (self.reward is not None and self.reward.needs_policy_logprobs)
 
+    @torch.no_grad()
+    def policy_logprobs(self, gen: GenerationOutput, temperature: float) -> Tensor:
+        """No-grad policy log-probs of `[prompt ‖ completion]`: the completion plus a prompt tail (the RLT reward
+        scores the explanation padding that ends the prompt); earlier columns are 0."""
+        ids, attn = sequences(gen, self.device)
+        last_n = gen.completion_ids.shape[1] + PROMPT_TAIL_TOKENS
+        return causal_logprobs(self.model, ids, attn, temperature, self.token_budget, last_n=last_n)
+
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()
     def rollout(self, rows: Sequence[dict], n: int, sampling=None) -> dict:
         """Generate n completions per row, score them, compute advantages. Returns the generation buffer."""
-        from dataclasses import replace
-
         sampling = replace(sampling or self.sampling, stop_strings=self.stop_strings())
         t0 = time.perf_counter()
         prompts = [self.build_prompt(r) for r in rows]
         gen = self.generate(prompts, n, sampling)
         t1 = time.perf_counter()
-        device = self.device
-        ids = torch.cat([gen.prompt_ids, gen.completion_ids], 1).to(device)
-        attn = torch.cat([gen.prompt_mask, gen.completion_mask], 1).to(device)
-        policy_lp = None
-        comp_len = gen.completion_ids.shape[1]
-        if self.needs_policy_logprobs():  # + a prompt tail: the RLT reward scores the explanation padding too
-            policy_lp = causal_logprobs(
-                self.model, ids, attn, self.loss_temperature, self.token_budget, last_n=comp_len + PROMPT_TAIL_TOKENS
-            )
-        ref_lp = self.reference_logprobs(ids, attn, last_n=comp_len)
+        ids, attn = sequences(gen, self.device)
+        policy_lp = self.policy_logprobs(gen, self.loss_temperature) if self.needs_policy_logprobs() else None
+        ref_lp = self.reference_logprobs(ids, attn, last_n=gen.completion_ids.shape[1])
         t2 = time.perf_counter()
         repeated = [r for r in rows for _ in range(n)]
         result = self.compute_reward(repeated, gen, policy_lp)
@@ -316,7 +323,7 @@ class GRPOModule(CausalLMModule):
             return grad_norm
         opt.step()
         opt.zero_grad()
-        self.model._rlt_version = self.global_step  # engines holding a weight copy (vLLM) re-sync when this changes
+        self.engine.weights_changed()
         return grad_norm
 
     def _nonfinite(self, what: str) -> None:
@@ -373,10 +380,7 @@ class GRPOModule(CausalLMModule):
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
-        from dataclasses import replace
-
-        sampling = replace(self.sampling, temperature=self.sampling.temperature)
-        buf = self.rollout(batch, self.val_num_generations, sampling)
+        buf = self.rollout(batch, self.val_num_generations)
         result = buf["result"]
         self.log("val/reward", result.rewards.float().mean(), batch_size=len(batch), add_dataloader_idx=False)
         for k, v in result.metrics.items():
@@ -421,7 +425,7 @@ class GRPOModule(CausalLMModule):
 
     def reference_is_trained(self) -> bool:
         """Whether the reference's weights differ from its source (TR-DPO sync): then it is checkpointed."""
-        return bool(getattr(self, "_ref_synced", False))
+        return self.ref_synced
 
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)

@@ -170,14 +170,11 @@ class StudentDistillModule(SFTModule):
         cb = find_student_reward(self.trainer)
         every = self.log_reward_every_n_steps
         if cb is not None and every and self.global_step % every == 0:
-            pad = self.format.explanation_padding
-            completions = [(r.get("thought") or "").removeprefix(pad) + self.format.explanation_end for r in batch]
             with torch.no_grad():
-                scorer = cb.scorer(self)
-                sol, _, _ = scorer.student_side(
+                sol, _, _ = cb.scorer(self).student_side(
                     [r["question"] for r in batch],
                     [r["solution"] for r in batch],
-                    [self.format.parse_completion(c).explanation for c in completions],
+                    [self.format.pad_explanation(r.get("thought") or "") for r in batch],
                 )
             rss = (sol.logprobs * sol.mask).sum(-1) / sol.mask.sum(-1).clamp(min=1)
             self.log("train/trace_solution_logprob", rss.mean(), batch_size=len(batch))

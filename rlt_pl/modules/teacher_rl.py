@@ -31,7 +31,6 @@ class RLTReward(Reward):
         cb: StudentRewardCallback = module.student_reward
         questions = [r["question"] for r in rows]
         solutions = [r["solution"] for r in rows]
-        prompts = [module.build_prompt(r) for r in rows]
         # Sampled bytes need not be NFC (e.g. a letter + combining accent); the tokenizer's normaliser would rewrite
         # them and the span check refuses such text. Score the NFC form: those rows no longer match the sampled ids,
         # so they take the text path (counted as token_mismatch) and are counted here as `nfc_normalized`.
@@ -41,11 +40,7 @@ class RLTReward(Reward):
         if not module.recompute_teacher_logprobs and cb.reward_config.kl_enabled:
             lp = policy_logprobs
             if abs(cb.reward_config.teacher_temperature - module.loss_temperature) > 1e-12:
-                from rlt_pl.scoring import causal_logprobs
-
-                ids = torch.cat([gen.prompt_ids, gen.completion_ids], 1).to(module.device)
-                attn = torch.cat([gen.prompt_mask, gen.completion_mask], 1).to(module.device)
-                lp = causal_logprobs(module.model, ids, attn, cb.reward_config.teacher_temperature, module.token_budget)
+                lp = module.policy_logprobs(gen, cb.reward_config.teacher_temperature)  # reward scored at another T
             scorer = cb.scorer(module)
             teacher_tokens = teacher_logprobs_from_policy(
                 module.format,
@@ -58,7 +53,7 @@ class RLTReward(Reward):
                 lp.cpu(),
                 scored_from=max(0, lp.shape[1] - gen.completion_ids.shape[1] - PROMPT_TAIL_TOKENS),
             )
-        result, metrics = cb.score(module, questions, solutions, texts, teacher_tokens, module.model, prompts)
+        result, metrics = cb.score(module, questions, solutions, texts, teacher_tokens, module.model, gen.prompts)
         metrics["explanation_chars"] = torch.tensor([float(len(e)) for e in result.explanations])
         return RewardResult(
             result.output.reward.float(),
