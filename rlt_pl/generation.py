@@ -25,6 +25,8 @@ class SamplingConfig:
         temperature: sampling temperature (paper: 0.7); 0 means greedy.
         top_p: nucleus sampling mass (paper: 1.0).
         top_k: top-k filter (None: off).
+        min_p: min-p filter (paper: 0, off).
+        repetition_penalty: repetition penalty (paper: 1.0, off).
         stop_strings: strings that end a completion besides EOS; each must be a single token.
         max_prompt_tokens: prompts longer than this raise a clear error (None: no limit).
     """
@@ -33,6 +35,8 @@ class SamplingConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     stop_strings: tuple[str, ...] = ()
     max_prompt_tokens: int | None = None
 
@@ -43,6 +47,10 @@ class SamplingConfig:
             raise ValueError("sampling.temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("sampling.top_p must be in (0, 1]")
+        if not 0 <= self.min_p < 1:
+            raise ValueError("sampling.min_p must be in [0, 1)")
+        if self.repetition_penalty <= 0:
+            raise ValueError("sampling.repetition_penalty must be > 0")
 
 
 @dataclass
