@@ -1,19 +1,27 @@
 """Generation engines behind one small interface.
 
-`HFGenerationEngine` wraps `model.generate`: batched, KV-cached, left-padded prompts, temperature / top-p / top-k,
-stop at EOS or at single-token stop strings (e.g. a compact format's end tag). Its output is what GRPO trains on:
-left-padded prompt ids, right-padded sampled ids, and a completion mask that runs up to and including the first
-stop token (spec §3.5). A vLLM engine can implement the same `generate` signature.
+`HFGenerationEngine` wraps `model.generate`: batched, KV-cached, left-padded prompts, stop at every EOS id or at
+single-token stop strings (e.g. a compact format's end tag). Its output is what GRPO trains on: left-padded prompt
+ids, right-padded sampled ids, and a completion mask that runs up to and including the first stop token (spec §3.5).
+A vLLM engine can implement the same `generate` signature.
+
+Sampling is set by `SamplingConfig` alone: `build_generation_config` turns it into a complete
+`transformers.GenerationConfig` (defaults = the paper's: T 0.7, top-p 1, top-k off, min-p 0, repetition penalty 1,
+as the authors pass them to vLLM), and the engine generates with that config standing in for the checkpoint's, so a
+`generation_config.json` (Qwen2.5-Instruct ships repetition_penalty 1.05, top-k 20, top-p 0.8) cannot change
+sampling. Only its EOS ids are used: a completion stops at every EOS id of the checkpoint and of the tokenizer.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,8 @@ class SamplingConfig:
         min_p: min-p filter (paper: 0, off).
         repetition_penalty: repetition penalty (paper: 1.0, off).
         stop_strings: strings that end a completion besides EOS; each must be a single token.
-        max_prompt_tokens: prompts longer than this raise a clear error (None: no limit).
+        max_prompt_tokens: prompt length limit (None: no limit). Training, trace generation and evaluation skip
+            longer prompts and count them (`*/count/skipped_long_prompts`); an engine asked for one raises.
     """
 
     max_new_tokens: int = 16384
@@ -77,9 +86,20 @@ class GenerationOutput:
         return len(self.texts)
 
 
-def stop_token_ids(tokenizer, stop_strings: Sequence[str]) -> list[int]:
-    """EOS plus the ids of single-token stop strings (clear error when a stop string is several tokens)."""
+def checkpoint_eos_ids(model: torch.nn.Module | None) -> list[int]:
+    """The EOS ids of a model's own `generation_config` (Qwen2.5-Instruct: `<|im_end|>` and `<|endoftext|>`)."""
+    config = getattr(model, "generation_config", None) if model is not None else None
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def stop_token_ids(tokenizer, stop_strings: Sequence[str], model: torch.nn.Module | None = None) -> list[int]:
+    """The tokenizer's EOS, every EOS id of `model`'s generation config, and the ids of single-token stop strings
+    (clear error when a stop string is several tokens)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids += checkpoint_eos_ids(model)
     for s in stop_strings:
         enc = tokenizer(s, add_special_tokens=False)["input_ids"]
         if len(enc) != 1:
@@ -98,6 +118,66 @@ def completion_mask_from_ids(completion_ids: Tensor, stop_ids: Sequence[int], pa
     if pad_mask is not None:
         mask = mask & pad_mask.bool()
     return mask.long()
+
+
+def build_generation_config(
+    sampling: SamplingConfig, tokenizer, model: torch.nn.Module | None = None
+) -> GenerationConfig:
+    """A complete `GenerationConfig` from `sampling` alone: every option that shapes the distribution is set.
+
+    Temperature 0 is greedy. Stops at every EOS id (`stop_token_ids`); pads with the tokenizer's pad token.
+    Nothing is read from the checkpoint's `generation_config.json` except its EOS ids.
+
+    Args:
+        sampling: the module's sampling settings.
+        tokenizer: gives EOS, pad and stop-string ids.
+        model: its generation config contributes EOS ids (None: the tokenizer's EOS only).
+    """
+    stops = stop_token_ids(tokenizer, sampling.stop_strings, model)
+    if not stops:
+        raise ValueError("no stop token: the tokenizer has no EOS and sampling.stop_strings is empty")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    greedy = sampling.temperature == 0
+    return GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        min_new_tokens=0,
+        do_sample=not greedy,
+        num_beams=1,
+        temperature=1.0 if greedy else sampling.temperature,
+        top_p=1.0 if greedy else sampling.top_p,
+        top_k=None if greedy else (sampling.top_k or 0),  # 0: off (greedy ignores it)
+        min_p=None if greedy or sampling.min_p == 0 else sampling.min_p,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=sampling.repetition_penalty,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        length_penalty=1.0,
+        renormalize_logits=False,
+        eos_token_id=stops,
+        pad_token_id=pad_id,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        use_cache=True,
+    )
+
+
+@contextmanager
+def generation_config_in_place(model: torch.nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """Let `config` stand in for the generation config of every HF model inside `model` (peft wraps one).
+
+    `generate` fills every option left unset in the config it is given from `model.generation_config`; with the
+    same config in both places nothing of the checkpoint's file can leak in.
+    """
+    inner = [m for m in model.modules() if isinstance(m, PreTrainedModel) and hasattr(m, "generation_config")]
+    saved = [m.generation_config for m in inner]
+    try:
+        for m in inner:
+            m.generation_config = config
+        yield
+    finally:
+        for m, c in zip(inner, saved):
+            m.generation_config = c
 
 
 class GenerationEngine(ABC):
@@ -135,30 +215,19 @@ class HFGenerationEngine(GenerationEngine):
             raise ValueError(
                 f"a prompt has {int(lengths.max())} tokens > sampling.max_prompt_tokens={sampling.max_prompt_tokens}"
             )
-        stops = stop_token_ids(tokenizer, sampling.stop_strings)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+        config = build_generation_config(sampling, tokenizer, model)
+        stops, pad_id = list(config.eos_token_id), config.pad_token_id
         device = next(model.parameters()).device
-        kwargs = dict(
-            max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=stops,
-            pad_token_id=pad_id,
-            use_cache=True,
-        )
-        if sampling.temperature > 0:
-            kwargs.update(
-                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0
-            )
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         was_training = model.training
         model.eval()
         chunks = []
         step = self.batch_size or len(repeated)
-        for i in range(0, len(repeated), step):
-            ids = enc["input_ids"][i : i + step].to(device)
-            attn = enc["attention_mask"][i : i + step].to(device)
-            out = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
-            chunks.append(out[:, ids.shape[1] :].cpu())
+        with generation_config_in_place(model, config):
+            for i in range(0, len(repeated), step):
+                ids = enc["input_ids"][i : i + step].to(device)
+                attn = enc["attention_mask"][i : i + step].to(device)
+                out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)
+                chunks.append(out[:, ids.shape[1] :].cpu())
         model.train(was_training)
         width = max(c.shape[1] for c in chunks)
         completion = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 # Qwen2's pre-tokenizer pattern (the regex its tokenizer.json uses); reproduced for tokenization compatibility.
 QWEN2_PRETOKENIZE_REGEX = (
@@ -129,6 +129,28 @@ def tiny_qwen2_config(
     )
 
 
+# Sampling settings of Qwen/Qwen2.5-7B-Instruct's generation_config.json (its eos_token_id is [151645, 151643],
+# i.e. <|im_end|> and <|endoftext|>, mapped to the tiny vocabulary by `qwen25_instruct_generation_config`).
+QWEN25_INSTRUCT_SAMPLING = {
+    "do_sample": True,
+    "repetition_penalty": 1.05,
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+}
+
+
+def qwen25_instruct_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+    """Qwen2.5-7B-Instruct's `generation_config.json` with its token ids mapped to `tokenizer`."""
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    return GenerationConfig(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        **QWEN25_INSTRUCT_SAMPLING,
+    )
+
+
 def build_model_dir(
     out_dir: str | Path,
     tokenizer: PreTrainedTokenizerFast,
@@ -136,8 +158,13 @@ def build_model_dir(
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
+    qwen_generation_config: bool = False,
 ) -> Path:
-    """Save a randomly initialised tiny Qwen2 causal LM and `tokenizer` to `out_dir` (loadable offline)."""
+    """Save a randomly initialised tiny Qwen2 causal LM and `tokenizer` to `out_dir` (loadable offline).
+
+    With `qwen_generation_config` the checkpoint carries Qwen2.5-7B-Instruct's generation_config.json (its sampling
+    settings and both EOS ids), as a real Instruct checkpoint and every stage exported from it do.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_qwen2_config(tokenizer, hidden_size, num_layers, num_heads)
@@ -146,18 +173,26 @@ def build_model_dir(
         model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if qwen_generation_config:
+        model.generation_config = qwen25_instruct_generation_config(tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
-def build_tiny_assets(out_dir: str | Path, seed: int = 0, vocab_size: int = 512) -> dict[str, Path]:
-    """Build `out_dir/teacher` (hidden 64, 2 layers) and `out_dir/student` (hidden 48, 2 layers), one tokenizer."""
+def build_tiny_assets(
+    out_dir: str | Path, seed: int = 0, vocab_size: int = 512, qwen_generation_config: bool = False
+) -> dict[str, Path]:
+    """Build `out_dir/teacher` (hidden 64, 2 layers) and `out_dir/student` (hidden 48, 2 layers), one tokenizer.
+
+    `qwen_generation_config`: both carry Qwen2.5-7B-Instruct's generation_config.json (see `build_model_dir`).
+    """
     out = Path(out_dir)
     tokenizer = train_tokenizer(default_corpus(seed), vocab_size=vocab_size)
+    q = qwen_generation_config
     return {
-        "teacher": build_model_dir(out / "teacher", tokenizer, seed=seed, hidden_size=64),
-        "student": build_model_dir(out / "student", tokenizer, seed=seed + 1, hidden_size=48),
+        "teacher": build_model_dir(out / "teacher", tokenizer, seed=seed, hidden_size=64, qwen_generation_config=q),
+        "student": build_model_dir(out / "student", tokenizer, seed=seed + 1, hidden_size=48, qwen_generation_config=q),
     }
 
 

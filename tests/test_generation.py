@@ -70,3 +70,72 @@ def test_vllm_engine_without_vllm_fails_clearly_or_falls_back():
         VLLMGenerationEngine()
     engine = VLLMGenerationEngine(fallback_to_hf=True)
     assert isinstance(engine.fallback, HFGenerationEngine)
+
+
+@pytest.fixture(scope="module")
+def qwen_and_plain(tmp_path_factory):
+    """The same tiny weights with Qwen2.5-Instruct's generation_config.json and without that file."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlt_pl.tiny import build_tiny_assets
+
+    root = tmp_path_factory.mktemp("qwen_gen")
+    qwen = build_tiny_assets(root / "qwen", qwen_generation_config=True)["teacher"]
+    plain = root / "plain"
+    shutil.copytree(qwen, plain)
+    (plain / "generation_config.json").unlink()
+
+    def load(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():  # sharper logits, so a repetition penalty or top-k/top-p changes what is sampled
+            model.get_input_embeddings().weight.mul_(3.0)
+        return model
+
+    return load(qwen), load(plain), AutoTokenizer.from_pretrained(qwen)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_checkpoint_generation_config_never_changes_sampling(qwen_and_plain, temperature):
+    qwen, plain, tok = qwen_and_plain
+    assert qwen.generation_config.repetition_penalty == 1.05 and qwen.generation_config.top_k == 20
+    prompts = ["What is 1 + 2?", "the sum of 12 and 7"]
+    # the file's only say is its EOS ids: give the plain model the same stops, then the outputs must be identical
+    sampling = SamplingConfig(max_new_tokens=32, temperature=temperature, stop_strings=("<|endoftext|>",))
+    torch.manual_seed(0)
+    a = HFGenerationEngine().generate(qwen, tok, prompts, 2, sampling)
+    torch.manual_seed(0)
+    b = HFGenerationEngine().generate(plain, tok, prompts, 2, sampling)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+    assert qwen.generation_config.repetition_penalty == 1.05  # restored after generate
+
+
+def test_generation_config_is_complete_and_stops_at_every_eos(qwen_and_plain):
+    from rlt_pl.generation import build_generation_config
+
+    qwen, plain, tok = qwen_and_plain
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
+    paper = build_generation_config(SamplingConfig(), tok, qwen)
+    assert paper.do_sample and paper.temperature == 0.7 and paper.top_p == 1.0 and paper.top_k == 0
+    assert paper.repetition_penalty == 1.0 and paper.min_p is None and paper.num_beams == 1
+    assert set(paper.eos_token_id) == {tok.eos_token_id, endoftext}  # <|im_end|> and <|endoftext|>
+    assert endoftext not in build_generation_config(SamplingConfig(), tok, plain).eos_token_id
+    wired = build_generation_config(SamplingConfig(top_k=5, min_p=0.1, repetition_penalty=1.2), tok, plain)
+    assert (wired.top_k, wired.min_p, wired.repetition_penalty) == (5, 0.1, 1.2)
+    greedy = build_generation_config(SamplingConfig(temperature=0.0), tok, qwen)
+    assert not greedy.do_sample and greedy.repetition_penalty == 1.0
+
+
+def test_engine_stops_at_checkpoint_eos(qwen_and_plain):
+    qwen, _, tok = qwen_and_plain
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
+    bonus = torch.zeros(len(tok))
+    bonus[endoftext] = 1e4  # <|endoftext|> (an EOS of the checkpoint only, not the tokenizer's) always sampled
+    hook = qwen.lm_head.register_forward_hook(lambda module, args, out: out + bonus)
+    try:
+        out = HFGenerationEngine().generate(qwen, tok, ["What is 1 + 2?"], 2, SamplingConfig(max_new_tokens=8))
+    finally:
+        hook.remove()
+    assert bool(out.finished.all()) and out.completion_mask.sum(-1).tolist() == [1, 1]
+    assert out.completion_ids[:, 0].tolist() == [endoftext, endoftext]
