@@ -133,12 +133,14 @@ class VLLMGenerationEngine(GenerationEngine):
         if self._stale:
             self.sync_weights(model)
             self._stale = False
-        stops = stop_token_ids(tokenizer, sampling.stop_strings)
-        params = SamplingParams(
+        stops = stop_token_ids(tokenizer, sampling.stop_strings, model)  # every EOS id, as the HF engine
+        params = SamplingParams(  # every option explicit (the authors pass these to vLLM), none from the checkpoint
             n=1,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k or -1,
+            min_p=sampling.min_p,
+            repetition_penalty=sampling.repetition_penalty,
             max_tokens=sampling.max_new_tokens,
             stop_token_ids=stops,
             seed=None,
