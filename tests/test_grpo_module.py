@@ -30,6 +30,13 @@ class SevensReward(Reward):
         return RewardResult(torch.tensor(frac), {"sevens": torch.tensor(frac)})
 
 
+class DigitsReward(Reward):
+    """Number of digits in the completion (varies from sample to sample of a random tiny LM: non-zero advantages)."""
+
+    def __call__(self, module, rows, gen, policy_logprobs) -> RewardResult:
+        return RewardResult(torch.tensor([float(sum(c.isdigit() for c in t)) for t in gen.texts]))
+
+
 class MetricsRecorder(L.Callback):
     """Copy `trainer.callback_metrics` after every training batch."""
 
@@ -143,3 +150,27 @@ def test_reference_modes_build_the_right_models(compact_dirs):
     no_kl = GRPOModule(ModelConfig(path, dtype="float32"), reward=SevensReward(), loss=PolicyLossConfig(beta=0.0))
     no_kl.configure_model()
     assert no_kl.ref_model is None
+
+
+def test_num_iterations_takes_mu_optimizer_steps_and_clips(compact_dirs):
+    """μ = 2 (TRL semantics): two optimizer updates per generation batch; the second pass sees a moved policy, so
+    the ratio against the rollout's log-probs leaves 1 and the PPO clip fires."""
+    L.seed_everything(0)
+    module = GRPOModule(
+        ModelConfig(str(compact_dirs["teacher"]), dtype="float32"),
+        reward=DigitsReward(),
+        format=CompactFormat(),
+        num_generations=4,
+        micro_batch_size=8,
+        num_iterations=2,
+        lr=3e-2,
+        loss=PolicyLossConfig(beta=0.0, clip_eps_low=0.2),
+        reference="none",
+        sampling=SamplingConfig(max_new_tokens=8, temperature=1.0),
+        sample_table_every_n_steps=0,
+    )
+    rec = MetricsRecorder()
+    trainer = _trainer(4, [rec])
+    trainer.fit(module, AdditionDataModule(num_train=16, num_heldout=4, batch_size=2))
+    assert len(rec.steps) == 2 and trainer.global_step == 4  # 2 generation batches x μ = 2 updates
+    assert all(s["train/clip_fraction"] > 0 for s in rec.steps), [s["train/clip_fraction"] for s in rec.steps]

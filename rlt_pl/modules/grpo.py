@@ -3,8 +3,9 @@
 One `training_step` reads like the paper (spec §3): sample G completions per prompt → score → group advantages →
 policy loss, then one optimizer step. The generation batch is buffered, shuffled and split into micro-batches for
 the backward passes (the paper's gradient accumulation, §3.1); with `num_iterations` μ > 1 the buffer is replayed
-with PPO clipping. Manual optimisation keeps the whole cycle in one place; a step never ends mid-buffer, so a
-checkpoint between steps holds everything needed to resume (policy, optimizer, scheduler, reference, RNG).
+μ times with one optimizer step per pass (TRL's semantics) and PPO clipping against the rollout's log-probs.
+Manual optimisation keeps the whole cycle in one place; a step never ends mid-buffer, so a checkpoint between steps
+holds everything needed to resume (policy, optimizer, scheduler, reference, RNG).
 
 Rewards are classes chosen by `class_path` (`TaskReward` for verifiable student RL; the RLT reward comes from
 `StudentRewardCallback` through `TeacherRLModule`).
@@ -95,7 +96,8 @@ class GRPOModule(CausalLMModule):
         num_generations: group size G (paper: 64).
         micro_batch_size: completions per forward/backward pass (memory knob; no effect on the math).
         micro_batch_tokens: if set, caps a micro-batch at this many padded tokens (long sequences get fewer rows).
-        num_iterations: μ, passes over each generation batch (paper: 1); > 1 needs `loss.clip_eps_low`.
+        num_iterations: μ, optimizer updates per generation batch (paper: 1; TRL semantics: each is one pass over
+            the buffer); > 1 needs `loss.clip_eps_low`. `trainer.max_steps` counts optimizer updates.
         loss: policy-loss options (β = 0.04, k3, per-sequence mean as in the paper).
         reference: `copy` (frozen copy of the initial policy), `adapter` (LoRA with the adapter off) or `none`.
         unbias_logprobs: divide logits by the sampling temperature for policy/reference log-probs (paper: true).
@@ -256,37 +258,48 @@ class GRPOModule(CausalLMModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         prompt_len = buf["gen"].prompt_ids.shape[1]
-        n = len(rewards)
         comp_mask = buf["gen"].completion_mask.to(self.device)
         total_tokens = comp_mask.sum().clamp(min=1)
         t_loss = time.perf_counter()
         stats: dict[str, list[Tensor]] = {}
+        # μ optimizer updates per generation batch (TRL's num_iterations): each pass over the buffer accumulates the
+        # whole batch's gradient and steps; from the second pass on the policy has moved away from the old
+        # log-probs captured at rollout, so the ratio leaves 1 and the PPO clip acts.
         for _ in range(self.num_iterations):
-            order = torch.randperm(n).tolist()
-            rows = self.micro_batch_size
-            if self.micro_batch_tokens is not None:
-                rows = max(1, min(rows, self.micro_batch_tokens // buf["ids"].shape[1]))
-            for start in range(0, n, rows):
-                idx = order[start : start + rows]
-                out = self._micro_step(buf, idx, adv, prompt_len)
-                if self.loss_config.aggregation == "token_mean":
-                    scale = comp_mask[idx].sum() / total_tokens
-                else:
-                    scale = len(idx) / n
-                loss = out.loss * scale / self.num_iterations
-                if not torch.isfinite(loss):
-                    opt.zero_grad()
-                    self._nonfinite("non-finite loss")
-                    return
-                self.manual_backward(loss)
-                for k, v in out.metrics.items():
-                    stats.setdefault(k, []).append(v.detach().float())
-        grad_norm = self._clip_and_step(opt)
-        if sched is not None:
-            sched.step()
+            if not self._accumulate_pass(buf, adv, prompt_len, comp_mask, total_tokens, stats):
+                opt.zero_grad()
+                self._nonfinite("non-finite loss")
+                return
+            grad_norm = self._clip_and_step(opt)
+            if not torch.isfinite(grad_norm):
+                return
+            if sched is not None:
+                sched.step()
         t_end = time.perf_counter()
         times = dict(buf["times"], loss=t_end - t_loss, total=t_end - t_start)
         self._log_step(buf, rewards, adv, stats, grad_norm, times)
+
+    def _accumulate_pass(self, buf, adv, prompt_len, comp_mask, total_tokens, stats) -> bool:
+        """One shuffled pass over the generation buffer in micro-batches, gradients accumulated (False: non-finite)."""
+        n = len(adv)
+        order = torch.randperm(n).tolist()
+        rows = self.micro_batch_size
+        if self.micro_batch_tokens is not None:
+            rows = max(1, min(rows, self.micro_batch_tokens // buf["ids"].shape[1]))
+        for start in range(0, n, rows):
+            idx = order[start : start + rows]
+            out = self._micro_step(buf, idx, adv, prompt_len)
+            if self.loss_config.aggregation == "token_mean":
+                scale = comp_mask[idx].sum() / total_tokens
+            else:
+                scale = len(idx) / n
+            loss = out.loss * scale
+            if not torch.isfinite(loss):
+                return False
+            self.manual_backward(loss)
+            for k, v in out.metrics.items():
+                stats.setdefault(k, []).append(v.detach().float())
+        return True
 
     def _micro_step(self, buf: dict, idx: list[int], adv: Tensor, prompt_len: int):
         """Loss of one micro-batch; all-padding columns (left of prompts, right of completions) are trimmed."""
