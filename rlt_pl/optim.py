@@ -95,6 +95,28 @@ class PagedAdamW8bit(bnb.optim.PagedAdamW8bit):
             self.is_paged = False
 
 
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups, as the HF Trainer builds them: biases and normalisation weights get no
+    weight decay; the rest get `weight_decay` (None: the optimizer's own setting).
+
+    Args:
+        model: the trained model.
+        weight_decay: decay of the first group; None leaves the key out so the optimizer's default applies.
+    """
+    no_decay: set[int] = set()
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()  # LayerNorm, RMSNorm, Qwen2RMSNorm, ...
+        for name, p in module.named_parameters(recurse=False):
+            if is_norm or name.endswith("bias"):
+                no_decay.add(id(p))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = {"params": [p for p in trainable if id(p) not in no_decay]}
+    if weight_decay is not None:
+        decay["weight_decay"] = weight_decay
+    groups = [decay, {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def resolve_warmup_steps(total_steps: int | None, warmup_steps: int | None, warmup_ratio: float | None) -> int:
     """Warmup length from either an absolute count or a ratio of `total_steps` (rounded up, as HF does).
 

@@ -182,3 +182,42 @@ def test_8bit_step_gpu(cls):
     opt.step()
     assert not torch.equal(model.weight, before)
     assert opt.state[model.weight]["state1"].dtype == torch.uint8
+
+
+def test_weight_decay_skips_biases_and_norms(tiny_dirs):
+    """As the HF Trainer: biases and norm weights get no weight decay, matrices get the configured one."""
+    from transformers import AutoModelForCausalLM
+
+    from rlt_pl.models import ModelConfig
+    from rlt_pl.modules.sft import TeacherSFTModule
+
+    module = TeacherSFTModule(ModelConfig(str(tiny_dirs["teacher"]), dtype="float32"), weight_decay=0.1)
+    module.model = AutoModelForCausalLM.from_pretrained(tiny_dirs["teacher"])
+    module.model.model.layers[0].self_attn.q_proj.bias.requires_grad_(True)  # Qwen2 q/k/v carry biases
+    opt = module.configure_optimizers()["optimizer"]
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    names = dict(module.model.named_parameters())
+    assert len(decay_of) == len(names)
+    for name, p in names.items():
+        expected = 0.0 if name.endswith("bias") or "norm" in name else 0.1
+        assert decay_of[id(p)] == expected, name
+    assert any(decay_of[id(p)] == 0.0 for n, p in names.items() if "norm" in n)
+    assert any(decay_of[id(p)] == 0.0 for n, p in names.items() if n.endswith("bias"))
+
+
+def test_reference_sync_counts_optimizer_steps_not_batches():
+    """TR-DPO: a skipped (non-finite) step repeats `global_step`; the reference is still synced once per τ steps."""
+    from types import SimpleNamespace
+
+    from rlt_pl.callbacks.ref_sync import ReferenceSyncCallback
+
+    policy, ref = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        policy.weight.fill_(1.0)
+        ref.weight.fill_(0.0)
+    module = SimpleNamespace(model=policy, ref_model=ref, log=lambda *a, **k: None)
+    cb = ReferenceSyncCallback(alpha=0.9, every_n_steps=2)
+    for step in (1, 2, 2, 3, 4):  # the batch after step 2 was skipped: global_step stays 2
+        cb.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, 0)
+    assert cb.syncs == 2
+    assert torch.allclose(ref.weight, torch.full((2, 2), 0.99))  # 0.9, then 0.9 + 0.1 * 0.9; not 0.999

@@ -62,7 +62,7 @@ def _fit(dirs: dict, ckpt_dir: Path, max_steps: int, ckpt_path: str | None = Non
         lr=1e-3,
         lr_schedule="cosine",
         warmup_ratio=0.2,
-        sampling=SamplingConfig(max_new_tokens=12, temperature=0.9),
+        sampling=SamplingConfig(max_new_tokens=12, temperature=0.7),
         sample_table_every_n_steps=0,
     )
     recorder = StepRecorder()

@@ -128,3 +128,10 @@ def test_rlt_reward_rises(compact_dirs):
     assert last > first + 0.2, (first, last, rewards)
     assert sum(match[-5:]) > sum(match[:5]), match
     assert all(s["train/rkl"] == 0.0 for s in rec.steps)
+
+
+def test_reward_temperature_must_equal_sampling_temperature(compact_dirs):
+    """The reward's teacher log-probs are those of the sampling distribution: a different T fails before training."""
+    module, student = _setup(compact_dirs, lr=1e-3, max_new_tokens=8, reward=RewardConfig(teacher_temperature=1.0))
+    with pytest.raises(ValueError, match="teacher_temperature=1.0 differs from model.init_args.sampling.temperature"):
+        _fit(module, [student], steps=1)

@@ -12,7 +12,8 @@ class ReferenceSyncCallback(Callback):
 
     Args:
         alpha: mix-up weight of the policy (paper `ref_model_mixup_alpha` 0.9).
-        every_n_steps: τ, optimizer steps between syncs (paper `ref_model_sync_steps` 32).
+        every_n_steps: τ, optimizer steps between syncs (paper `ref_model_sync_steps` 32); steps skipped for a
+            non-finite loss are not optimizer steps and do not count.
     """
 
     def __init__(self, alpha: float = 0.9, every_n_steps: int = 32) -> None:
@@ -30,10 +31,12 @@ class ReferenceSyncCallback(Callback):
         pl_module.ref_synced = True  # the reference will diverge from its source: keep it in checkpoints
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and pl_module.ref_model is not None:
+        # `global_step` counts optimizer steps taken: a skipped (non-finite) step leaves it where it was, and μ > 1
+        # moves it by μ per batch. Sync once each time it passes a multiple of τ, never twice at the same multiple.
+        due = trainer.global_step // self.every_n_steps
+        if due > self.syncs and pl_module.ref_model is not None:
             sync_reference(pl_module.model, pl_module.ref_model, self.alpha)
-            self.syncs += 1
+            self.syncs = due
             pl_module.log("train/ref_syncs", float(self.syncs))
 
     def state_dict(self) -> dict:

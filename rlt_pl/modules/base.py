@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from rlt_pl.formats import RLTFormat, StratosFormat
 from rlt_pl.generation import GenerationEngine, HFGenerationEngine, SamplingConfig
 from rlt_pl.models import ModelConfig, export_model, load_causal_lm, load_tokenizer
-from rlt_pl.optim import build_scheduler
+from rlt_pl.optim import build_scheduler, weight_decay_groups
 
 
 class CausalLMModule(LightningModule):
@@ -32,7 +32,7 @@ class CausalLMModule(LightningModule):
         format: the RLT text format (tags, prompts).
         lr: learning rate of the default optimizer (AdamW).
         betas: AdamW betas of the default optimizer.
-        weight_decay: AdamW weight decay of the default optimizer.
+        weight_decay: AdamW weight decay of the default optimizer (not applied to biases and norm weights).
         optimizer: an optimizer given by `class_path` (e.g. `rlt_pl.optim.AdamW8bit`); replaces the default AdamW.
         lr_schedule: constant, cosine or linear decay.
         warmup_ratio: fraction of the total steps used for linear warmup.
@@ -97,12 +97,14 @@ class CausalLMModule(LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        params = self.trainable_parameters()
+        # biases and norm weights are not decayed (as the HF Trainer does); a class_path optimizer keeps its own
+        # weight_decay for the other group
         if self.optimizer_fn is not None:
-            opt = self.optimizer_fn(params)
+            opt = self.optimizer_fn(weight_decay_groups(self.model))
         else:
-            opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, eps=1e-8)
-        total = self.trainer.estimated_stepping_batches if self.trainer is not None else None
+            groups = weight_decay_groups(self.model, self.weight_decay)
+            opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, eps=1e-8)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else None
         total = int(total) if total is not None and total != float("inf") else None
         sched = build_scheduler(opt, self.lr_schedule, warmup_ratio=self.warmup_ratio, total_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

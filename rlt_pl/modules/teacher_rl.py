@@ -63,6 +63,16 @@ class RLTReward(Reward):
         )
 
 
+def check_reward_temperature(teacher_temperature: float, sampling_temperature: float) -> None:
+    """The reward's teacher log-probs are those of the sampling distribution (the authors score at the sampling
+    temperature): refuse a reward temperature that departs from `sampling.temperature`."""
+    if sampling_temperature > 0 and abs(teacher_temperature - sampling_temperature) > 1e-12:
+        raise ValueError(
+            f"StudentRewardCallback.reward.teacher_temperature={teacher_temperature} differs from "
+            f"model.init_args.sampling.temperature={sampling_temperature}; set them equal"
+        )
+
+
 class TeacherRLModule(GRPOModule):
     """GRPO training of an RLT teacher. Needs a `StudentRewardCallback` in `trainer.callbacks`.
 
@@ -86,6 +96,7 @@ class TeacherRLModule(GRPOModule):
             raise ValueError(
                 "TeacherRLModule needs a StudentRewardCallback in trainer.callbacks (it owns the reward student)"
             )
+        check_reward_temperature(self.student_reward.reward_config.teacher_temperature, self.sampling.temperature)
 
     def shared_reference(self) -> torch.nn.Module | None:
         """Reuse the reward student as the reference when both are the same frozen weights (one copy, not two)."""
