@@ -109,7 +109,7 @@ def test_paper_teacher_config_matches_the_spec(config_cwd, monkeypatch):
     assert m.lr == 1e-6 and m.lr_schedule == "constant" and m.betas == (0.9, 0.999) and m.weight_decay == 0.0
     assert m.loss_config.beta == 0.04 and m.loss_config.kl_estimator == "k3" and m.num_iterations == 1
     assert m.max_grad_norm == 1.0 and m.reference == "copy" and isinstance(m.format, StratosFormat)
-    assert m.model_config.gradient_checkpointing and m.model_config.dtype == "bfloat16"
+    assert m.model_config.gradient_checkpointing and m.model_config.dtype == "float32"  # fp32 master weights
     assert (
         cli.trainer.max_steps == 125 and config["seed_everything"] == 42 and config["trainer"]["accelerator"] == "gpu"
     )
