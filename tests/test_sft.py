@@ -37,7 +37,7 @@ class _LossRecorder(L.Callback):
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))  # the token mean of the batch
 
 
 def _fit(module, data, steps: int) -> list[float]:
@@ -159,3 +159,50 @@ def test_teacher_sft_refuses_rows_without_thought(tiny_dirs, tokenizer):
 def test_bad_eval_k_fails_at_construction(tiny_dirs):
     with pytest.raises(ValueError, match="eval_k"):
         StudentDistillModule(ModelConfig(name_or_path=str(tiny_dirs["teacher"])), eval_k=(4,), eval_num_samples=2)
+
+
+def test_distill_gradient_is_the_token_mean_over_the_accumulation_window(compact_dirs):
+    """A 10-token and a 1,000-token trace in one accumulation window (batch 1, accumulate 2): the gradient equals
+    that of the token mean over both traces (HF `num_items_in_batch`), not the mean of the two per-trace means."""
+    from torch.utils.data import DataLoader
+
+    rows = [
+        dict(ROW, id="short", question="1+2", thought="", solution="3"),
+        dict(ROW, id="long", question="1+2", thought="1 plus 2 is 3; " * 66, solution="3"),
+    ]
+    grads: dict[str, torch.Tensor] = {}
+
+    class Recording(StudentDistillModule):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            grads.update({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+    config = ModelConfig(str(compact_dirs["student"]), dtype="float32")
+    module = Recording(config, format=CompactFormat(), max_length=2048, lr=1e-3, log_reward_every_n_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    loader = DataLoader(rows, batch_size=1, shuffle=False, collate_fn=list)
+    reference = StudentDistillModule(config, format=CompactFormat(), max_length=2048)
+    reference.setup("fit")
+    reference.configure_model()
+    trainer.fit(module, loader)
+
+    reference.model.train()
+    token_sum, tokens = 0.0, 0.0
+    for row in rows:
+        loss, stats = reference.loss_on([row])
+        token_sum = token_sum + loss * stats["completion_tokens"]
+        tokens += float(stats["completion_tokens"])
+    assert min(float(reference.loss_on([r])[1]["completion_tokens"]) for r in rows) <= 12
+    assert tokens >= 1000
+    (token_sum / tokens).backward()
+    assert grads
+    for name, p in reference.model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5)

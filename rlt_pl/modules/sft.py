@@ -1,7 +1,9 @@
 """Supervised stages of the RLT pipeline: teacher SFT warm-up and student distillation, plus evaluation.
 
 Both render each row with the format (character span `completion` known by construction), tokenize once and train
-with a completion-only cross-entropy (token-mean over completion tokens, the HF default, spec §3.9):
+with a completion-only cross-entropy, token-weighted over the whole accumulation window and all devices: the summed
+token loss divided by the label-token count of the window (HF Trainer's `num_items_in_batch`, used by the authors'
+TRL 0.14 and by SkyThought), so a 16K-token trace weighs 1,600 times a 10-token one, not the same (spec §3.9):
 - `TeacherSFTModule`: question + solution → explanation (spec §1.5; loss after `<|begin_of_explanation|>` + padding).
   Its `predict` writes explanations for (question, solution) rows: the traces students are distilled on.
 - `StudentDistillModule`: question → thought (= a teacher explanation) → solution (spec §1.7–1.8; loss on the
@@ -62,6 +64,7 @@ class SFTModule(CausalLMModule):
         self.eval_output_dir = eval_output_dir
         self._offsets: ByteOffsets | None = None
         self._evaluators: dict[int, BenchmarkEvaluator] = {}
+        self._window_tokens = 0.0  # label tokens of this rank in the current accumulation window
 
     # ---------------------------------------------------------------- rendering
     def render(self, row: dict) -> Rendered:
@@ -99,7 +102,22 @@ class SFTModule(CausalLMModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         for k, v in stats.items():
             self.log(f"train/{k}", v, batch_size=len(batch))
-        return loss
+        # Backward the summed token loss; `on_before_optimizer_step` divides the accumulated gradient by the
+        # window's label-token count. Lightning divides each micro-batch loss by accumulate_grad_batches: undo it.
+        tokens = stats["completion_tokens"]
+        self._window_tokens += float(tokens)
+        return loss * tokens * self.trainer.accumulate_grad_batches
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Turn the accumulated gradient of summed token losses into that of the window's token mean (all devices:
+        the token count is summed over ranks, and the strategy's gradient mean over ranks is undone)."""
+        tokens = torch.tensor(self._window_tokens, device=self.device, dtype=torch.float64)
+        total = self.trainer.strategy.reduce(tokens, reduce_op="sum") if self.trainer.world_size > 1 else tokens
+        scale = self.trainer.world_size / max(float(total), 1.0)
+        for p in self.trainable_parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        self._window_tokens = 0.0
 
     # ---------------------------------------------------------------- evaluation
     def _datamodule_task(self, dataloader_idx: int):
