@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rlt_pl.distributed import is_sharded
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -143,6 +145,7 @@ class HFGenerationEngine(GenerationEngine):
             eos_token_id=stops,
             pad_token_id=pad_id,
             use_cache=True,
+            synced_gpus=is_sharded(model),  # FSDP2: every rank runs decode steps until all ranks are done
         )
         if sampling.temperature > 0:
             kwargs.update(
