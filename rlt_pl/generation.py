@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
+from rlt_pl.distributed import is_sharded
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -226,7 +228,10 @@ class HFGenerationEngine(GenerationEngine):
             for i in range(0, len(repeated), step):
                 ids = enc["input_ids"][i : i + step].to(device)
                 attn = enc["attention_mask"][i : i + step].to(device)
-                out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)
+                # synced_gpus (FSDP2): every rank runs decode steps until all ranks are done
+                out = model.generate(
+                    input_ids=ids, attention_mask=attn, generation_config=config, synced_gpus=is_sharded(model)
+                )
                 chunks.append(out[:, ids.shape[1] :].cpu())
         model.train(was_training)
         width = max(c.shape[1] for c in chunks)

@@ -347,7 +347,11 @@ def _is_quantized(model: PreTrainedModel) -> bool:
 
 
 def export_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, merge_lora: bool = False
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    merge_lora: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save a Hugging Face checkpoint (model + tokenizer) to `out_dir`.
 
@@ -360,9 +364,13 @@ def export_model(
         tokenizer: saved beside the weights.
         out_dir: target directory (created).
         merge_lora: write merged full weights instead of the adapter.
+        state_dict: the full state dict of a sharded model (`rlt_pl.distributed.full_state_dict`, gathered by
+            every rank); it is loaded into a fresh unsharded copy built from `model`'s config, which is saved.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        model = _unsharded_copy(model, state_dict)
     if is_lora(model) and merge_lora:
         if _is_quantized(model.get_base_model()):
             raise ValueError(
@@ -376,6 +384,22 @@ def export_model(
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A CPU model of `model`'s architecture (and LoRA adapters) holding `state_dict` (full, unsharded tensors)."""
+    base = model.get_base_model() if is_lora(model) else model
+    if _is_quantized(base):
+        raise ValueError("exporting a sharded quantized model is not supported; train QLoRA with DDP or one device")
+    with torch.device("meta"):
+        copy_ = AutoModelForCausalLM.from_config(base.config, dtype=next(iter(state_dict.values())).dtype)
+    if is_lora(model):
+        copy_ = peft.get_peft_model(copy_, model.peft_config[model.active_adapter])
+    copy_.load_state_dict(state_dict, strict=True, assign=True)
+    copy_.tie_weights()
+    if hasattr(base, "generation_config"):
+        (copy_.get_base_model() if is_lora(copy_) else copy_).generation_config = base.generation_config
+    return copy_
 
 
 def model_memory_table(

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rlt_pl.distributed import pad_forward_calls
 from rlt_pl.formats import RLTFormat
 from rlt_pl.rewards import RewardConfig, RewardOutput, pack_masked, rlt_reward, token_logprobs
 from rlt_pl.spans import ByteOffsets, completion_explanation_mask, encode_with_spans, suffix_span_mask
@@ -66,21 +67,21 @@ def causal_logprobs(
     lengths = attention_mask.sum(-1)
     order = torch.argsort(lengths, descending=True).tolist()
     budget = token_budget or input_ids.numel()
-    i = 0
+    chunks, i = [], 0
     while i < len(order):
         width = int(lengths[order[i]]) or 1
-        n = max(1, budget // width)
-        rows = order[i : i + n]
+        rows = order[i : i + max(1, budget // width)]
         i += len(rows)
-        ids, attn = input_ids[rows], attention_mask[rows]
-        keep = attn.any(0).nonzero().squeeze(-1)  # trim all-padding columns (either side)
+        keep = attention_mask[rows].any(0).nonzero().squeeze(-1)  # trim all-padding columns (either side)
         lo, hi = int(keep.min()) if keep.numel() else 0, int(keep.max()) + 1 if keep.numel() else 1
-        ids, attn = ids[:, lo:hi], attn[:, lo:hi]
+        k = hi - max(lo, input_ids.shape[1] - last_n) if last_n is not None else hi - lo
+        if k > 0:
+            chunks.append((rows, lo, hi, k))
+    pad_forward_calls(model, len(chunks))  # sharded model: as many forwards as the busiest rank (agreed first)
+    for rows, lo, hi, k in chunks:
+        ids, attn = input_ids[rows, lo:hi], attention_mask[rows, lo:hi]
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         prev = torch.nn.functional.pad(attn[:, :-1], (1, 0))  # a row's first real token has no context: 0
-        k = hi - max(lo, input_ids.shape[1] - last_n) if last_n is not None else hi - lo
-        if k <= 0:
-            continue
         if k < hi - lo:
             logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=k + 1).logits
             lp = token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:]
@@ -286,6 +287,8 @@ class RLTScorer:
                 expl_mask[rows] = torch.nn.functional.pad(prefix2, (0, k2 - prefix2.shape[1]))
             else:
                 counts["token_mismatch_unresolved"] = len(mismatched)
+                if teacher_model is not None and prompts is not None:
+                    pad_forward_calls(teacher_model, 0)  # sharded: join the ranks that re-score mismatched rows
         else:
             t_lp, s_lp, expl_mask = torch.zeros_like(expl.logprobs), expl.logprobs, expl.mask
         out = rlt_reward(sol.logprobs, sol.mask, t_lp, s_lp, expl_mask, matched, self.config)

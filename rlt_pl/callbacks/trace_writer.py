@@ -22,6 +22,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from rlt_pl.callbacks.student_reward import find_student_reward
+from rlt_pl.datamodules.base import is_padding
+from rlt_pl.distributed import all_ranks_true, all_reduce_sum, world
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -48,7 +50,7 @@ def find_trace_writer(trainer) -> TraceWriter | None:
 def generate_traces(module, rows: list[dict], batch_idx: int, n: int = 1) -> list[dict] | None:
     """Sample n explanations per row with the teacher, keep the best by RLT reward (if n > 1), return trace rows."""
     writer = find_trace_writer(module.trainer)
-    if writer is not None and writer.is_done(batch_idx):
+    if writer is not None and all_ranks_true(writer.is_done(batch_idx)):  # ranks generate together or not at all
         return None
     fmt = module.format
     prompts = [fmt.teacher_prompt(r["question"], r["solution"], module.tokenizer) for r in rows]
@@ -73,6 +75,8 @@ def generate_traces(module, rows: list[dict], batch_idx: int, n: int = 1) -> lis
         rewards = scores.max(-1).values.tolist()
     out = []
     for i, row in enumerate(rows):
+        if is_padding(row):  # keeps the ranks' batch counts equal; not a row of the data
+            continue
         j = best[i]
         parsed = fmt.parse_completion(gen.texts[j])
         out.append(
@@ -116,7 +120,9 @@ class TraceWriter(BasePredictionWriter):
         self.counts = {"rows": 0, "written": 0, "unmatched": 0, "overflow": 0, "dropped": 0, "skipped_shards": 0}
 
     def shard_path(self, batch_idx: int) -> Path:
-        return self.output_dir / f"shard-{batch_idx:05d}.jsonl"
+        rank, n = world()
+        suffix = f"-rank{rank:03d}" if n > 1 else ""  # each rank writes its own part of a global batch
+        return self.output_dir / f"shard-{batch_idx:05d}{suffix}.jsonl"
 
     def is_done(self, batch_idx: int) -> bool:
         done = self.shard_path(batch_idx).exists()
@@ -169,5 +175,8 @@ class TraceWriter(BasePredictionWriter):
         self.counts["written"] += len(lines)
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        atomic_write_text(self.output_dir / "summary.json", json.dumps(self.counts, indent=2))
-        rank_zero_info(f"traces → {self.output_dir}: {self.counts}")
+        keys = sorted(self.counts)
+        counts = dict(zip(keys, (int(v) for v in all_reduce_sum([self.counts[k] for k in keys]))))  # all ranks
+        if trainer.is_global_zero:
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(counts, indent=2))
+        rank_zero_info(f"traces → {self.output_dir}: {counts}")

@@ -21,8 +21,9 @@ from typing import Literal
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from rlt_pl.distributed import world
 from rlt_pl.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,16 @@ def read_local_rows(path: Path) -> list:
     raise ValueError(f"{path}: unsupported data_path suffix {suffix!r} (use .json, .jsonl or .parquet)")
 
 
+PADDING_KEY = "_padding"
+
+
+def is_padding(row: dict) -> bool:
+    """Whether `row` is a duplicate that only keeps the ranks' batch counts equal (evaluation must skip it)."""
+    return bool(row.get(PADDING_KEY, False))
+
+
 class _Rows(Dataset):
-    """A list of row dicts as a map-style dataset."""
+    """A list of row dicts as a map-style dataset; index `len + i` is a padding copy of row `i` (`is_padding`)."""
 
     def __init__(self, rows: list[dict]) -> None:
         self.rows = rows
@@ -119,6 +128,8 @@ class _Rows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
+        if index >= len(self.rows):
+            return {**self.rows[index - len(self.rows)], PADDING_KEY: True}
         return self.rows[index]
 
 
@@ -131,20 +142,64 @@ def collate_rows(batch: list[dict]) -> list[dict]:
     return list(batch)
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(DistributedSampler):
     """Seeded shuffle whose order depends only on ``(seed, epoch)``, so a resumed run can rebuild any epoch's order.
 
     Epoch 0 gives the same order as ``RandomSampler`` with a ``Generator`` seeded ``seed``. Lightning calls
     ``set_epoch`` before each epoch.
 
+    With several ranks the global order is cut into global batches of ``global_batch`` rows and rank ``r`` takes
+    the ``r``-th slice of each (rows ``[r·b, (r+1)·b)`` with ``b = global_batch / num_replicas``), so the ranks
+    together see exactly the single-process batches. An incomplete last global batch is filled with padding copies
+    (``is_padding``: training uses them like Lightning's ``DistributedSampler`` does; evaluation skips them). It is
+    a ``DistributedSampler``, so Lightning does not wrap it in another one.
+
     Args:
         num_rows: Dataset length.
         seed: Shuffle seed.
         shuffle: ``False`` yields ``0..num_rows-1`` in order.
+        num_replicas: Number of ranks sharing each global batch.
+        rank: This rank.
+        global_batch: Rows per global batch (all ranks); needed when ``num_replicas > 1``.
     """
 
-    def __init__(self, num_rows: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        num_rows: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+        global_batch: int | None = None,
+    ) -> None:
+        Sampler.__init__(self)
         self.num_rows, self.seed, self.shuffle, self.epoch = num_rows, seed, shuffle, 0
+        self.num_replicas, self.rank = num_replicas, rank
+        self.global_batch = global_batch or num_replicas
+        if self.global_batch % num_replicas:
+            raise ValueError(f"global batch {self.global_batch} is not divisible by {num_replicas} ranks")
+        self.drop_last = False
+
+    def _global_order(self) -> list[int]:
+        import torch
+
+        if not self.shuffle:
+            return list(range(self.num_rows))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_rows, generator=generator).tolist()
+
+    def _padded_len(self) -> int:
+        b = self.global_batch
+        return -(-self.num_rows // b) * b if self.num_replicas > 1 else self.num_rows
+
+    def _rank_slice(self, order: list[int]) -> list[int]:
+        if self.num_replicas == 1:
+            return order
+        total = self._padded_len()
+        order = order + [self.num_rows + order[j % len(order)] for j in range(total - len(order))]
+        b, local = self.global_batch, self.global_batch // self.num_replicas
+        lo = self.rank * local
+        return [i for start in range(0, total, b) for i in order[start + lo : start + lo + local]]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration yields.
@@ -155,15 +210,10 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_rows
+        return self._padded_len() // self.num_replicas
 
     def __iter__(self):
-        import torch
-
-        if not self.shuffle:
-            return iter(range(self.num_rows))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_rows, generator=generator).tolist())
+        return iter(self._rank_slice(self._global_order()))
 
 
 class LengthBucketSampler(EpochShuffleSampler):
@@ -179,11 +229,22 @@ class LengthBucketSampler(EpochShuffleSampler):
         window_batches: Batches per sorting window (larger: less padding, less randomness).
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, window_batches: int = 32) -> None:
-        super().__init__(len(lengths), seed, shuffle=True)
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int = 0,
+        window_batches: int = 32,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(len(lengths), seed, True, num_replicas, rank, batch_size)
         self.lengths, self.batch_size, self.window = lengths, batch_size, batch_size * window_batches
 
     def __iter__(self):
+        return iter(self._rank_slice(self._global_order()))
+
+    def _global_order(self) -> list[int]:
         import torch
 
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -195,7 +256,7 @@ class LengthBucketSampler(EpochShuffleSampler):
         full = [b for b in batches if len(b) == self.batch_size]
         partial = [b for b in batches if len(b) < self.batch_size]  # kept last so batching stays aligned
         perm = torch.randperm(len(full), generator=generator).tolist()
-        return iter([i for k in perm for i in full[k]] + [i for b in partial for i in b])
+        return [i for k in perm for i in full[k]] + [i for b in partial for i in b]
 
 
 class ResumableDataLoader(DataLoader):
@@ -256,6 +317,9 @@ def resumable_loader(
 ) -> ResumableDataLoader:
     """A DataLoader over rows that resumes mid-epoch at the right batch with the same shuffle.
 
+    ``batch_size`` is the global batch: with several ranks (a torch.distributed process group) each rank's loader
+    yields ``batch_size / world_size`` rows per batch (see ``EpochShuffleSampler``).
+
     Its ``generator`` (used by torch only for the workers' base seed) is seeded too, so creating an iterator never
     draws from torch's global RNG, which generation uses (exact resume restores that stream).
 
@@ -269,13 +333,19 @@ def resumable_loader(
     """
     import torch
 
+    rank, world_size = world()
+    if batch_size % world_size:
+        raise ValueError(
+            f"data.init_args.batch_size={batch_size} is the global batch (all ranks together) and must be divisible "
+            f"by the number of ranks ({world_size})"
+        )
     if lengths is not None and shuffle:
-        sampler = LengthBucketSampler(lengths, batch_size, seed)
+        sampler = LengthBucketSampler(lengths, batch_size, seed, num_replicas=world_size, rank=rank)
     else:
-        sampler = EpochShuffleSampler(len(rows), seed, shuffle)
+        sampler = EpochShuffleSampler(len(rows), seed, shuffle, world_size, rank, batch_size)
     return ResumableDataLoader(
         _Rows(rows),
-        batch_size=batch_size,
+        batch_size=batch_size // world_size,
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_rows,

@@ -16,8 +16,10 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from rlt_pl.distributed import full_state_dict, shard_model
 from rlt_pl.formats import RLTFormat, StratosFormat
 from rlt_pl.generation import GenerationEngine, HFGenerationEngine, SamplingConfig
 from rlt_pl.models import ModelConfig, export_model, load_causal_lm, load_tokenizer
@@ -99,6 +101,12 @@ class CausalLMModule(LightningModule):
 
     # ---------------------------------------------------------------- lifecycle
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "trainer.strategy FSDPStrategy (FSDP1) is not supported: it runs training_step inside the root FSDP "
+                "forward, where GRPO's manual backward fails, and its export needs a different gather. Use "
+                "trainer.strategy rlt_pl.distributed.FSDP2Strategy (configs/trainer/fsdp.yaml) or DDPStrategy"
+            )
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.model_config.name_or_path, self.model_config.trust_remote_code)
             if self.format.use_chat_template and not self.tokenizer.chat_template:
@@ -110,7 +118,19 @@ class CausalLMModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = load_causal_lm(self.model_config, trainable=True)
+        self.model = self.shard(load_causal_lm(self.model_config, trainable=True))
+
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Under `rlt_pl.distributed.FSDP2Strategy` (a device mesh is set), `fully_shard` each decoder layer and the
+        root; otherwise (one process, DDP) the model is returned as is.
+
+        Each rank loads the full checkpoint into host memory first (transformers' loader), then `fully_shard` keeps
+        only this rank's shard of every parameter and frees the rest.
+        """
+        mesh = self._device_mesh
+        if mesh is None:
+            return model
+        return shard_model(model, mesh["data_parallel"])
 
     def on_fit_start(self) -> None:
         self.model.train()  # from_pretrained returns eval mode
@@ -133,9 +153,16 @@ class CausalLMModule(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            out = export_model(self.model, self.tokenizer, self.export_dir, merge_lora=self.merge_lora_on_export)
+        if not self.export_dir:
+            return
+        # Every rank takes part in gathering a sharded state dict; rank 0 writes; the others wait for the files.
+        state = full_state_dict(self.model) if self._device_mesh is not None else None
+        if self.trainer.is_global_zero:
+            out = export_model(
+                self.model, self.tokenizer, self.export_dir, merge_lora=self.merge_lora_on_export, state_dict=state
+            )
             rank_zero_info(f"exported model to {out}")
+        self.trainer.strategy.barrier("export")
 
     # ---------------------------------------------------------------- helpers
     def generate(self, prompts: Sequence[str], n: int = 1, sampling: SamplingConfig | None = None):

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from rlt_pl.datamodules.base import is_padding
+from rlt_pl.distributed import agree_max, all_gather_objects, all_gather_tensor, all_ranks_true, all_reduce_sum, world
 from rlt_pl.generation import GenerationOutput
 from rlt_pl.grpo import PolicyLossConfig, group_advantages, policy_loss
 from rlt_pl.models import ModelConfig, load_causal_lm, reference_mode
@@ -171,7 +172,7 @@ class GRPOModule(CausalLMModule):
             return
         super().configure_model()
         if self.reference == "copy" and self.loss_config.beta > 0:
-            self.ref_model = self.shared_reference() or load_causal_lm(self.model_config, trainable=False)
+            self.ref_model = self.shared_reference() or self.shard(load_causal_lm(self.model_config, trainable=False))
 
     def shared_reference(self) -> torch.nn.Module | None:
         """A frozen model with the reference's weights that is already loaded elsewhere (see TeacherRLModule)."""
@@ -251,25 +252,33 @@ class GRPOModule(CausalLMModule):
         result: RewardResult = buf["result"]
         rewards = result.rewards.float()
         finite = torch.isfinite(rewards)
-        if not bool(finite.all()):
-            self._nonfinite(f"{int((~finite).sum())} non-finite rewards")
+        if not all_ranks_true(bool(finite.all())):  # every rank skips, or none
+            self._nonfinite(f"{int((~finite).sum())} non-finite rewards on this rank")
             return
         adv = group_advantages(rewards, self.num_generations, scale=self.advantage_scale).to(self.device)
         opt = self.optimizers()
         sched = self.lr_schedulers()
         prompt_len = buf["gen"].prompt_ids.shape[1]
         comp_mask = buf["gen"].completion_mask.to(self.device)
-        total_tokens = comp_mask.sum().clamp(min=1)
+        # DDP and FSDP average gradients over ranks; each rank holds n of the world_size · n completions. A token
+        # mean divides by the tokens of all ranks (× world_size to undo the averaging); a sequence mean by n.
+        n_ranks = world()[1]
+        total_tokens = all_reduce_sum([float(comp_mask.sum())])[0] / n_ranks
+        total_tokens = max(total_tokens, 1.0 / n_ranks)
+        width = agree_max(buf["ids"].shape[1])  # same micro-batch count on every rank
         t_loss = time.perf_counter()
         stats: dict[str, list[Tensor]] = {}
         # μ optimizer updates per generation batch (TRL's num_iterations): each pass over the buffer accumulates the
         # whole batch's gradient and steps; from the second pass on the policy has moved away from the old
         # log-probs captured at rollout, so the ratio leaves 1 and the PPO clip acts.
+        objective = torch.zeros((), device=self.device)  # this rank's share of the optimised loss, summed over passes
         for _ in range(self.num_iterations):
-            if not self._accumulate_pass(buf, adv, prompt_len, comp_mask, total_tokens, stats):
+            ok, pass_objective = self._accumulate_pass(buf, adv, prompt_len, comp_mask, total_tokens, width, stats)
+            if not ok:
                 opt.zero_grad()
                 self._nonfinite("non-finite loss")
                 return
+            objective = objective + pass_objective / self.num_iterations
             grad_norm = self._clip_and_step(opt)
             if not torch.isfinite(grad_norm):
                 return
@@ -277,15 +286,21 @@ class GRPOModule(CausalLMModule):
                 sched.step()
         t_end = time.perf_counter()
         times = dict(buf["times"], loss=t_end - t_loss, total=t_end - t_start)
+        # ranks' gradients are averaged, so the optimised loss is the mean of their shares
+        stats["loss_total"] = [torch.tensor(all_reduce_sum([float(objective)])[0] / n_ranks)]
         self._log_step(buf, rewards, adv, stats, grad_norm, times)
 
-    def _accumulate_pass(self, buf, adv, prompt_len, comp_mask, total_tokens, stats) -> bool:
-        """One shuffled pass over the generation buffer in micro-batches, gradients accumulated (False: non-finite)."""
+    def _accumulate_pass(self, buf, adv, prompt_len, comp_mask, total_tokens, width, stats) -> tuple[bool, Tensor]:
+        """One shuffled pass over the generation buffer in micro-batches, gradients accumulated.
+
+        Returns (all ranks' losses finite, this rank's share of the pass's loss). `width` is the padded length agreed
+        over ranks, so every rank runs the same number of micro-batches (the same collectives)."""
         n = len(adv)
         order = torch.randperm(n).tolist()
         rows = self.micro_batch_size
         if self.micro_batch_tokens is not None:
-            rows = max(1, min(rows, self.micro_batch_tokens // buf["ids"].shape[1]))
+            rows = max(1, min(rows, self.micro_batch_tokens // width))
+        objective = torch.zeros((), device=self.device)
         for start in range(0, n, rows):
             idx = order[start : start + rows]
             out = self._micro_step(buf, idx, adv, prompt_len)
@@ -294,12 +309,13 @@ class GRPOModule(CausalLMModule):
             else:
                 scale = len(idx) / n
             loss = out.loss * scale
-            if not torch.isfinite(loss):
-                return False
+            if not all_ranks_true(bool(torch.isfinite(loss))):
+                return False, objective
             self.manual_backward(loss)
+            objective = objective + loss.detach().float()
             for k, v in out.metrics.items():
                 stats.setdefault(k, []).append(v.detach().float())
-        return True
+        return True, objective
 
     def _micro_step(self, buf: dict, idx: list[int], adv: Tensor, prompt_len: int):
         """Loss of one micro-batch; all-padding columns (left of prompts, right of completions) are trimmed."""
@@ -325,11 +341,10 @@ class GRPOModule(CausalLMModule):
     def _clip_and_step(self, opt) -> Tensor:
         """Clip by global norm (FSDP: the sharded model's own `clip_grad_norm_`), then step unless non-finite."""
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")  # inf: measure only
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, FSDPStrategy):
-            grad_norm = strategy.model.clip_grad_norm_(max_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm)
+        # DDP: gradients are already averaged, identical on every rank. FSDP2: DTensor gradients, the norm is global.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             opt.zero_grad()
             self._nonfinite("non-finite gradient norm")
@@ -351,36 +366,47 @@ class GRPOModule(CausalLMModule):
 
     # ---------------------------------------------------------------- logging
     def _log_step(self, buf, rewards, adv, stats, grad_norm, times) -> None:
+        """Log step metrics over the global batch: per-completion values are gathered from all ranks (every rank
+        computes the same numbers), counts are summed, per-micro-batch stats averaged, times are the slowest rank's."""
         gen: GenerationOutput = buf["gen"]
         result: RewardResult = buf["result"]
-        lengths = gen.completion_mask.sum(-1).float()
         g = self.num_generations
-        group_std = rewards.view(-1, g).std(-1, unbiased=True) if g > 1 else torch.zeros(1)
+        local_lengths = gen.completion_mask.sum(-1).float()
+        rewards_all = all_gather_tensor(rewards.detach().float().cpu())
+        adv_all = all_gather_tensor(adv.detach().float().cpu())
+        lengths = all_gather_tensor(local_lengths)
+        finished = all_gather_tensor(gen.finished.float())
+        group_std = rewards_all.view(-1, g).std(-1, unbiased=True) if g > 1 else torch.zeros(1)
+        slowest = dict(zip(times, all_gather_tensor(torch.tensor([list(times.values())])).max(0).values.tolist()))
         metrics = {
-            "train/reward": rewards.mean(),
+            "train/reward": rewards_all.mean(),
             "train/reward_std": group_std.mean(),
-            "train/reward_max": rewards.max(),
-            "train/advantage_abs_mean": adv.abs().mean(),
+            "train/reward_max": rewards_all.max(),
+            "train/advantage_abs_mean": adv_all.abs().mean(),
             "train/zero_variance_groups": (group_std == 0).float().mean(),
             "train/completion_length": lengths.mean(),
             "train/completion_length_max": lengths.max(),
-            "train/truncated_rate": (~gen.finished).float().mean(),
+            "train/truncated_rate": 1 - finished.mean(),
             "train/grad_norm": grad_norm.float(),
             "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
-            "train/tokens_per_s": lengths.sum() / max(times["total"], 1e-9),
+            "train/tokens_per_s": lengths.sum() / max(slowest["total"], 1e-9),
         }
-        for k, v in stats.items():
-            metrics[f"train/{k}"] = torch.stack(v).mean()
-        for k, v in result.metrics.items():
-            metrics[f"train/{k}"] = v.float().nanmean() if v.numel() else torch.tensor(float("nan"))
-        for k, v in result.counts.items():
-            metrics[f"train/count/{k}"] = torch.tensor(float(v))
-        for k, v in times.items():
-            metrics[f"time/{k}"] = torch.tensor(v)
-        if len(rewards) > 2 and float(lengths.std()) > 0 and float(rewards.std()) > 0:
-            metrics["train/length_reward_corr"] = torch.corrcoef(torch.stack([lengths, rewards]))[0, 1]
+        names = sorted(stats)
+        if names:
+            means = torch.stack([torch.stack(stats[k]).mean().cpu() for k in names])
+            means = torch.tensor(all_reduce_sum(means.tolist())) / world()[1]
+            metrics.update({f"train/{k}": v for k, v in zip(names, means)})
+        for k in sorted(result.metrics):
+            v = all_gather_tensor(result.metrics[k].detach().float().cpu())
+            metrics[f"train/{k}"] = v.nanmean() if v.numel() else torch.tensor(float("nan"))
+        count_names = sorted(set().union(*all_gather_objects(sorted(result.counts))))
+        counts = all_reduce_sum([float(result.counts.get(k, 0.0)) for k in count_names])
+        metrics.update({f"train/count/{k}": torch.tensor(v) for k, v in zip(count_names, counts)})
+        metrics.update({f"time/{k}": torch.tensor(v) for k, v in slowest.items()})
+        if len(rewards_all) > 2 and float(lengths.std()) > 0 and float(rewards_all.std()) > 0:
+            metrics["train/length_reward_corr"] = torch.corrcoef(torch.stack([lengths, rewards_all]))[0, 1]
         self.log_dict({k: v.detach().float().cpu() for k, v in metrics.items()}, prog_bar=False, on_step=True)
-        self.log("reward", rewards.mean(), prog_bar=True, logger=False)
+        self.log("reward", rewards_all.mean(), prog_bar=True, logger=False)
         every = self.sample_table_every_n_steps
         if every and self.global_step % every == 0:
             rows = buf["rows"]
@@ -395,16 +421,26 @@ class GRPOModule(CausalLMModule):
     def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
         buf = self.rollout(batch, self.val_num_generations)
         result = buf["result"]
-        self.log("val/reward", result.rewards.float().mean(), batch_size=len(batch), add_dataloader_idx=False)
-        for k, v in result.metrics.items():
-            self.log(f"val/{k}", v.float().nanmean(), batch_size=len(batch), add_dataloader_idx=False)
+        # Padding rows (equal batch counts on every rank) are left out; Lightning's synced mean is weighted by
+        # batch_size, so the epoch value is the mean over the real rows of all ranks.
+        real = torch.tensor([not is_padding(r) for r in buf["rows"]])
+        n = int(real.sum())
+
+        def mean(v: Tensor) -> Tensor:
+            v = v.float()[real]
+            return v.nanmean() if n else torch.tensor(0.0)
+
+        self.log("val/reward", mean(result.rewards), batch_size=n, add_dataloader_idx=False, sync_dist=True)
+        for k in sorted(result.metrics):
+            self.log(f"val/{k}", mean(result.metrics[k]), batch_size=n, add_dataloader_idx=False, sync_dist=True)
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rlt_pl"] = {
             "nonfinite_steps": self.nonfinite_steps,
             "frozen_models": self.frozen_model_sources(),
-            "rng": self._rng_before_val or collect_rng_states(),  # the training stream, even if saved mid-validation
+            # the training stream, even if saved mid-validation; one entry per rank (each rank samples its own)
+            "rng": all_gather_objects(self._rng_before_val or collect_rng_states()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -412,7 +448,11 @@ class GRPOModule(CausalLMModule):
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         # Applied right before the next training batch, not here: Lightning draws from the global RNG between
         # restoring and training (sanity check, dataloader iterators), which an uninterrupted run did earlier.
-        self._pending_rng = state.get("rng")
+        rng = state.get("rng")
+        if isinstance(rng, list):  # per rank; a checkpoint from another world size restores rank 0's stream
+            rank, n = world()
+            rng = rng[rank] if len(rng) == n else rng[0]
+        self._pending_rng = rng
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._pending_rng is not None:

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from rlt_pl.callbacks.student_reward import find_student_reward
+from rlt_pl.datamodules.base import is_padding
+from rlt_pl.distributed import all_gather_objects
 from rlt_pl.evaluation import BenchmarkEvaluator
 from rlt_pl.formats import Rendered
 from rlt_pl.generation import SamplingConfig
@@ -99,9 +101,9 @@ class SFTModule(CausalLMModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: list[dict], batch_idx: int) -> Tensor:
         loss, stats = self.loss_on(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)  # mean over ranks
         for k, v in stats.items():
-            self.log(f"train/{k}", v, batch_size=len(batch))
+            self.log(f"train/{k}", v, batch_size=len(batch), sync_dist=True, reduce_fx="sum")
         # Backward the summed token loss; `on_before_optimizer_step` divides the accumulated gradient by the
         # window's label-token count. Lightning divides each micro-batch loss by accumulate_grad_batches: undo it.
         tokens = stats["completion_tokens"]
@@ -146,13 +148,18 @@ class SFTModule(CausalLMModule):
         n = self.eval_num_samples
         responses = [gen.texts[i * n : (i + 1) * n] for i in range(len(batch))]
         tokens = gen.completion_mask.sum(-1).view(len(batch), n).tolist()
-        self._evaluators[dataloader_idx].update(batch, responses, token_counts=tokens)
+        real = [i for i, r in enumerate(batch) if not is_padding(r)]  # padding rows only keep ranks in step
+        ev = self._evaluators[dataloader_idx]
+        ev.update([batch[i] for i in real], [responses[i] for i in real], token_counts=[tokens[i] for i in real])
 
     def _finish_eval(self, stage: str) -> None:
+        """Gather every rank's graded questions (each question once), log the same metrics on all ranks, write one
+        JSONL from rank 0."""
         for ev in self._evaluators.values():
+            ev.records = [r for part in all_gather_objects(ev.records) for r in part]
             metrics = ev.compute()
             self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
-            if ev.output_path:
+            if ev.output_path and self.trainer.is_global_zero:
                 ev.write_jsonl()
         self._evaluators = {}
 
