@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 
 from rlt_pl.formats import RLTFormat
-from rlt_pl.rewards import RewardConfig, RewardOutput, pack_masked, rlt_reward, token_logprobs
+from rlt_pl.rewards import (
+    RewardConfig,
+    RewardOutput,
+    pack_masked,
+    penalise_below_group,
+    rlt_reward,
+    token_logprobs,
+)
 from rlt_pl.spans import ByteOffsets, completion_explanation_mask, encode_with_spans, suffix_span_mask
 
 
@@ -237,8 +244,13 @@ class RLTScorer:
         teacher_tokens: PackedTokens | None = None,
         teacher_model: torch.nn.Module | None = None,
         prompts: Sequence[str] | None = None,
+        groups: Tensor | None = None,
     ) -> ScoreResult:
         """Score teacher completions (text after the RL prompt, special tokens stripped).
+
+        Penalised rows (context overflow, an empty solution or explanation span, an unclosed explanation tag) get
+        a reward at or below the worst regular reward of their group (`RewardConfig.penalty_margin` below it, see
+        `penalise_below_group`); `components["penalised"]` and `components["overflow"]` flag them.
 
         Args:
             questions: questions q.
@@ -247,6 +259,7 @@ class RLTScorer:
             teacher_tokens: teacher explanation tokens/log-probs from the policy forward (sampled path).
             teacher_model: teacher for the text path (all rows when `teacher_tokens` is None; mismatched rows else).
             prompts: RL prompts, needed for the text path.
+            groups: [B] group ids (the prompt each completion belongs to); None: the batch is one group.
         """
         n = len(completions)
         if not (len(questions) == len(solutions) == n):
@@ -289,4 +302,18 @@ class RLTScorer:
         else:
             t_lp, s_lp, expl_mask = torch.zeros_like(expl.logprobs), expl.logprobs, expl.mask
         out = rlt_reward(sol.logprobs, sol.mask, t_lp, s_lp, expl_mask, matched, self.config)
+        comps = out.components
+        nan_filled = sum(v for k, v in comps.items() if k.endswith("_nan_filled")) > 0
+        penalised = overflow | ~matched | nan_filled | (comps["explanation_tokens"] == 0)
+        comps["overflow"] = overflow.long()
+        comps["penalised"] = penalised.long()
+        comps["reward_unpenalised"] = out.reward
+        counts["penalised"] = int(penalised.sum())
+        if self.config.penalty_margin is not None:
+            ids = torch.zeros(n, dtype=torch.long) if groups is None else torch.as_tensor(groups).long().cpu()
+            if ids.shape != (n,):
+                raise ValueError(f"score(): groups must have one id per completion ({n}), got {tuple(ids.shape)}")
+            out.reward = penalise_below_group(
+                out.reward, penalised, ids, self.config.penalty_margin, self.config.penalty_floor
+            )
         return ScoreResult(out, explanations, matched, counts)

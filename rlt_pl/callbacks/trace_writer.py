@@ -67,6 +67,7 @@ def generate_traces(module, rows: list[dict], batch_idx: int, n: int = 1) -> lis
             None,
             module.model,
             gen.prompts,
+            groups=torch.arange(len(rep)) // n,
         )
         scores = torch.nan_to_num(result.output.reward.view(len(rows), n), nan=-float("inf"))
         best = (scores.argmax(-1) + torch.arange(len(rows)) * n).tolist()
