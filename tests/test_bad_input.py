@@ -278,6 +278,15 @@ def test_too_many_nonfinite_steps_stop_the_run(compact):
         ({"num_iterations": 2}, "num_iterations > 1 needs loss.clip_eps_low"),
         ({"reference": "adapter"}, "reference='adapter' needs model.lora"),
         ({"num_generations": 0}, "num_generations must be >= 1"),
+        ({"num_generations": 1}, "num_generations=1 makes GRPO a no-op"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be > 0"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
+        ({"sampling": SamplingConfig(temperature=0.0)}, "sampling.temperature=0"),
+        ({"sampling": SamplingConfig(top_k=1)}, "top_k=1"),
+        ({"token_budget": 0}, "token_budget must be >= 1"),
+        ({"val_num_generations": 0}, "val_num_generations must be >= 1"),
+        ({"micro_batch_tokens": 0}, "micro_batch_tokens must be >= 1"),
+        ({"max_nonfinite_steps": -1}, "max_nonfinite_steps must be >= 0"),
     ],
 )
 def test_grpo_config_errors_name_the_flag(compact, kwargs, match):
