@@ -16,6 +16,7 @@ on the text path when a teacher model is available, else scored on their longest
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ class PackedTokens:
     ids: Tensor
     logprobs: Tensor
     mask: Tensor
+    overflow: Tensor | None = None  # [B] bool: rows cut at the scorer's max_length (text path)
 
 
 @dataclass
@@ -232,7 +234,10 @@ class RLTScorer:
     def teacher_text_side(self, teacher: torch.nn.Module, prompts: Sequence[str], completions: Sequence[str]):
         """Text path: re-encode `prompt + completion` and run the teacher (parity with the authors, P3)."""
         rendered = [self.format.teacher_scoring_text(p, c) for p, c in zip(prompts, completions)]
-        packed, _ = self._score_spans(teacher, rendered, self.config.teacher_temperature, ("explanation",))
+        packed, overflow = self._score_spans(
+            teacher, rendered, self.config.teacher_temperature, ("explanation",), self.max_length
+        )
+        packed["explanation"].overflow = overflow
         return packed["explanation"]
 
     @torch.no_grad()
@@ -264,17 +269,27 @@ class RLTScorer:
         n = len(completions)
         if not (len(questions) == len(solutions) == n):
             raise ValueError(f"score(): {len(questions)} questions, {len(solutions)} solutions, {n} completions")
+        # the exact-span encoder refuses text a tokenizer normaliser would rewrite: score the NFC form (counted)
+        nfc = [[unicodedata.normalize("NFC", t) for t in texts] for texts in (questions, solutions, completions)]
+        nfc_changed = sum(
+            a != b for new, old in zip(nfc, (questions, solutions, completions)) for a, b in zip(new, old)
+        )
+        questions, solutions, completions = nfc
+        if prompts is not None:
+            prompts = [unicodedata.normalize("NFC", t) for t in prompts]
         parsed = [self.format.parse_completion(c) for c in completions]
         explanations = [p.explanation for p in parsed]
         matched = torch.tensor([p.matched for p in parsed], dtype=torch.bool)
         sol, expl, overflow = self.student_side(questions, solutions, explanations)
-        counts = {"overflow": int(overflow.sum()), "unmatched": int((~matched).sum())}
+        counts = {"overflow": int(overflow.sum()), "unmatched": int((~matched).sum()), "nfc_normalized": nfc_changed}
 
         if self.uses_teacher:
             if teacher_tokens is None:
                 if teacher_model is None or prompts is None:
                     raise ValueError("rKL needs teacher log-probs: pass teacher_tokens or teacher_model + prompts")
                 teacher_tokens = self.teacher_text_side(teacher_model, prompts, completions)
+            if teacher_tokens.overflow is not None:
+                overflow = overflow | teacher_tokens.overflow
             equal, prefix = _align(teacher_tokens, expl)
             mismatched = (~equal & ~overflow).nonzero().squeeze(-1).tolist()
             counts["token_mismatch"] = len(mismatched)
@@ -288,6 +303,7 @@ class RLTScorer:
                 )
                 sub = PackedTokens(expl.ids[mismatched], expl.logprobs[mismatched], expl.mask[mismatched])
                 equal2, prefix2 = _align(redo, sub)
+                overflow[torch.tensor(mismatched)] |= redo.overflow
                 counts["token_mismatch_unresolved"] = int((~equal2).sum())
                 k2 = max(k, prefix2.shape[1])
                 t_lp, s_lp, expl_mask = (
@@ -306,6 +322,7 @@ class RLTScorer:
         nan_filled = sum(v for k, v in comps.items() if k.endswith("_nan_filled")) > 0
         penalised = overflow | ~matched | nan_filled | (comps["explanation_tokens"] == 0)
         comps["overflow"] = overflow.long()
+        counts["overflow"] = int(overflow.sum())  # student or teacher context cut at max_length
         comps["penalised"] = penalised.long()
         comps["reward_unpenalised"] = out.reward
         counts["penalised"] = int(penalised.sum())
