@@ -314,11 +314,18 @@ def test_overflow_rows_are_counted_and_penalised(kind: str, n: int, request) -> 
     limit = sorted(lengths)[len(lengths) // 2]
     short = RLTScorer(student_model, tokenizer, fmt, max_length=limit)
     res = short.score(qs, ss, cs, teacher_model=teacher_model, prompts=prompts)
-    over = torch.tensor([n > limit for n in lengths])
+    # the teacher forward is bounded by the same limit: a row whose teacher context is longer overflows too
+    t_lengths = [
+        len(tokenizer(fmt.teacher_scoring_text(p, c).text, add_special_tokens=False)["input_ids"])
+        for p, c in zip(prompts, cs)
+    ]
+    over = torch.tensor([a > limit or b > limit for a, b in zip(lengths, t_lengths)])
+    assert res.output.components["overflow"].bool().tolist() == over.tolist()
     assert res.counts["overflow"] == int(over.sum()) > 0
     assert res.counts["token_mismatch"] == 0
     penalty = -1.01 - 3.03 + res.output.match  # rSS and rKL NaN fills, before the group floor
-    torch.testing.assert_close(res.output.components["reward_unpenalised"][over], penalty[over])
+    s_over = torch.tensor([a > limit for a in lengths])  # student context cut: both fills
+    torch.testing.assert_close(res.output.components["reward_unpenalised"][s_over], penalty[s_over])
     pen = res.output.components["penalised"].bool()
     assert bool(pen[over].all()) and float(res.output.reward[pen].max()) <= float(res.output.reward[~pen].min()) - 1
     regular = ~over & ~full.output.components["penalised"].bool()
