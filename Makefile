@@ -47,3 +47,6 @@ format: setup
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache
+
+mutate:  ## mutation run (outside the default suite): every planted bug must turn its tests red
+	$(PY) -m benchmarks.mutate --json benchmarks/mutate_results.json

@@ -37,6 +37,15 @@ class RLTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         torch.set_float32_matmul_precision("high")  # tf32 on Ampere+, as the paper runs
 
+    def instantiate_trainer(self, **kwargs):
+        """The configured trainer, plus `GracefulShutdown` (SIGTERM/SIGINT leave a resumable state) unless set."""
+        from rlt_pl.callbacks.shutdown import GracefulShutdown, find_graceful_shutdown
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if find_graceful_shutdown(trainer.callbacks) is None:
+            trainer.callbacks.append(GracefulShutdown())
+        return trainer
+
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> RLTCLI:
     """Build (and by default run) the CLI; `args` as a list makes it callable from tests."""

@@ -177,6 +177,12 @@ class RewardConfig:
         normalize_kl_fn: optional rKL per-token transform before clamping (same choices).
         use_schulman_kl_estimation: replace d by ``d - 1 + e^-d``.
         include_teacher_think_entropy: True returns the full rKL reward; False the no-entropy variant (spec §2.8).
+        penalty_margin: penalised rows (context overflow, empty solution or explanation span, unclosed explanation
+            tag) get at most the worst regular reward of their group minus this margin (see
+            :func:`penalise_below_group`); must be >= 0. None keeps the authors' fixed fills alone (parity only:
+            a fixed fill can be the best reward of a group).
+        penalty_floor: if set, penalised rows get at most this value too (and exactly it when their group has no
+            regular row).
     """
 
     answer_log_prob_coeffs: tuple[float, ...] | float = (1.0, 0.01)
@@ -192,6 +198,8 @@ class RewardConfig:
     normalize_kl_fn: NormalizeFn | None = None
     use_schulman_kl_estimation: bool = False
     include_teacher_think_entropy: bool = True
+    penalty_margin: float | None = 1.0
+    penalty_floor: float | None = None
 
     def __post_init__(self) -> None:
         for coeffs_name, reds_name in (
@@ -230,6 +238,10 @@ class RewardConfig:
                 raise ValueError(f"RewardConfig.{name} must be one of {_NORMALIZE_FNS} or None, got {value!r}")
         if not abs(self.not_matched_penalty) < float("inf"):
             raise ValueError(f"RewardConfig.not_matched_penalty must be finite, got {self.not_matched_penalty}")
+        if self.penalty_margin is not None and not 0 <= self.penalty_margin < float("inf"):
+            raise ValueError(f"RewardConfig.penalty_margin must be finite and >= 0 or None, got {self.penalty_margin}")
+        if self.penalty_floor is not None and not abs(self.penalty_floor) < float("inf"):
+            raise ValueError(f"RewardConfig.penalty_floor must be finite or None, got {self.penalty_floor}")
 
     @property
     def kl_enabled(self) -> bool:
@@ -406,3 +418,47 @@ def rlt_reward(
         match=match,
         components=components,
     )
+
+
+def penalise_below_group(
+    reward: Tensor, penalised: Tensor, groups: Tensor, margin: float, floor: float | None = None
+) -> Tensor:
+    """Put every penalised row at or below the worst regular reward of its group, by construction.
+
+    ``out[i] = min(reward[i], min_{j regular, groups[j] = groups[i]} reward[j] - margin)`` for a penalised row ``i``
+    (then ``min(., floor)`` when a floor is set; exactly ``floor`` when its group has no regular row); regular rows
+    are unchanged. A fixed fill (rSS -1, rKL +1) is not a penalty: regular rewards are often far below it, and GRPO
+    would then push the policy towards overflowing or empty outputs.
+
+    Args:
+        reward: ``[B]`` rewards (penalised rows may hold any finite value or NaN).
+        penalised: ``[B]`` bool, True for rows whose reward is a penalty, not a measurement.
+        groups: ``[B]`` int group ids (GRPO: the prompt each completion was sampled for).
+        margin: how far below the worst regular reward (>= 0).
+        floor: optional absolute upper bound of a penalised reward.
+
+    Returns:
+        ``[B]`` rewards (same dtype as ``reward``).
+    """
+    if reward.dim() != 1 or reward.shape != penalised.shape or reward.shape != groups.shape:
+        raise ValueError(
+            f"penalise_below_group: reward, penalised, groups must all be [B], got {tuple(reward.shape)}, "
+            f"{tuple(penalised.shape)}, {tuple(groups.shape)}"
+        )
+    if not margin >= 0:
+        raise ValueError(f"penalise_below_group: margin must be >= 0, got {margin}")
+    if reward.numel() == 0 or not bool(penalised.any()):
+        return reward
+    _, gid = torch.unique(groups, return_inverse=True)  # [B] dense group index
+    n_groups = int(gid.max()) + 1
+    inf = torch.full((n_groups,), float("inf"), dtype=reward.dtype, device=reward.device)
+    regular = torch.where(penalised, torch.full_like(reward, float("inf")), reward)
+    worst = inf.scatter_reduce(0, gid, regular, reduce="amin")[gid]  # [B] worst regular reward of the group
+    own = torch.nan_to_num(reward, nan=float("inf"))
+    capped = torch.minimum(own, worst - margin)  # +inf when the group has no regular row and the row is NaN
+    if floor is not None:
+        capped = torch.minimum(capped, torch.full_like(capped, floor))
+        capped = torch.where(torch.isinf(worst), torch.full_like(capped, floor), capped)
+    else:
+        capped = torch.where(torch.isinf(worst), reward, capped)
+    return torch.where(penalised, capped, reward)

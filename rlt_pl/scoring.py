@@ -16,6 +16,7 @@ on the text path when a teacher model is available, else scored on their longest
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,7 +25,14 @@ from torch import Tensor
 
 from rlt_pl.distributed import pad_forward_calls
 from rlt_pl.formats import RLTFormat
-from rlt_pl.rewards import RewardConfig, RewardOutput, pack_masked, rlt_reward, token_logprobs
+from rlt_pl.rewards import (
+    RewardConfig,
+    RewardOutput,
+    pack_masked,
+    penalise_below_group,
+    rlt_reward,
+    token_logprobs,
+)
 from rlt_pl.spans import ByteOffsets, completion_explanation_mask, encode_with_spans, suffix_span_mask
 
 
@@ -35,6 +43,7 @@ class PackedTokens:
     ids: Tensor
     logprobs: Tensor
     mask: Tensor
+    overflow: Tensor | None = None  # [B] bool: rows cut at the scorer's max_length (text path)
 
 
 @dataclass
@@ -226,7 +235,10 @@ class RLTScorer:
     def teacher_text_side(self, teacher: torch.nn.Module, prompts: Sequence[str], completions: Sequence[str]):
         """Text path: re-encode `prompt + completion` and run the teacher (parity with the authors, P3)."""
         rendered = [self.format.teacher_scoring_text(p, c) for p, c in zip(prompts, completions)]
-        packed, _ = self._score_spans(teacher, rendered, self.config.teacher_temperature, ("explanation",))
+        packed, overflow = self._score_spans(
+            teacher, rendered, self.config.teacher_temperature, ("explanation",), self.max_length
+        )
+        packed["explanation"].overflow = overflow
         return packed["explanation"]
 
     @torch.no_grad()
@@ -238,8 +250,13 @@ class RLTScorer:
         teacher_tokens: PackedTokens | None = None,
         teacher_model: torch.nn.Module | None = None,
         prompts: Sequence[str] | None = None,
+        groups: Tensor | None = None,
     ) -> ScoreResult:
         """Score teacher completions (text after the RL prompt, special tokens stripped).
+
+        Penalised rows (context overflow, an empty solution or explanation span, an unclosed explanation tag) get
+        a reward at or below the worst regular reward of their group (`RewardConfig.penalty_margin` below it, see
+        `penalise_below_group`); `components["penalised"]` and `components["overflow"]` flag them.
 
         Args:
             questions: questions q.
@@ -248,21 +265,32 @@ class RLTScorer:
             teacher_tokens: teacher explanation tokens/log-probs from the policy forward (sampled path).
             teacher_model: teacher for the text path (all rows when `teacher_tokens` is None; mismatched rows else).
             prompts: RL prompts, needed for the text path.
+            groups: [B] group ids (the prompt each completion belongs to); None: the batch is one group.
         """
         n = len(completions)
         if not (len(questions) == len(solutions) == n):
             raise ValueError(f"score(): {len(questions)} questions, {len(solutions)} solutions, {n} completions")
+        # the exact-span encoder refuses text a tokenizer normaliser would rewrite: score the NFC form (counted)
+        nfc = [[unicodedata.normalize("NFC", t) for t in texts] for texts in (questions, solutions, completions)]
+        nfc_changed = sum(
+            a != b for new, old in zip(nfc, (questions, solutions, completions)) for a, b in zip(new, old)
+        )
+        questions, solutions, completions = nfc
+        if prompts is not None:
+            prompts = [unicodedata.normalize("NFC", t) for t in prompts]
         parsed = [self.format.parse_completion(c) for c in completions]
         explanations = [p.explanation for p in parsed]
         matched = torch.tensor([p.matched for p in parsed], dtype=torch.bool)
         sol, expl, overflow = self.student_side(questions, solutions, explanations)
-        counts = {"overflow": int(overflow.sum()), "unmatched": int((~matched).sum())}
+        counts = {"overflow": int(overflow.sum()), "unmatched": int((~matched).sum()), "nfc_normalized": nfc_changed}
 
         if self.uses_teacher:
             if teacher_tokens is None:
                 if teacher_model is None or prompts is None:
                     raise ValueError("rKL needs teacher log-probs: pass teacher_tokens or teacher_model + prompts")
                 teacher_tokens = self.teacher_text_side(teacher_model, prompts, completions)
+            if teacher_tokens.overflow is not None:
+                overflow = overflow | teacher_tokens.overflow
             equal, prefix = _align(teacher_tokens, expl)
             mismatched = (~equal & ~overflow).nonzero().squeeze(-1).tolist()
             counts["token_mismatch"] = len(mismatched)
@@ -276,6 +304,7 @@ class RLTScorer:
                 )
                 sub = PackedTokens(expl.ids[mismatched], expl.logprobs[mismatched], expl.mask[mismatched])
                 equal2, prefix2 = _align(redo, sub)
+                overflow[torch.tensor(mismatched)] |= redo.overflow
                 counts["token_mismatch_unresolved"] = int((~equal2).sum())
                 k2 = max(k, prefix2.shape[1])
                 t_lp, s_lp, expl_mask = (
@@ -292,4 +321,19 @@ class RLTScorer:
         else:
             t_lp, s_lp, expl_mask = torch.zeros_like(expl.logprobs), expl.logprobs, expl.mask
         out = rlt_reward(sol.logprobs, sol.mask, t_lp, s_lp, expl_mask, matched, self.config)
+        comps = out.components
+        nan_filled = sum(v for k, v in comps.items() if k.endswith("_nan_filled")) > 0
+        penalised = overflow | ~matched | nan_filled | (comps["explanation_tokens"] == 0)
+        comps["overflow"] = overflow.long()
+        counts["overflow"] = int(overflow.sum())  # student or teacher context cut at max_length
+        comps["penalised"] = penalised.long()
+        comps["reward_unpenalised"] = out.reward
+        counts["penalised"] = int(penalised.sum())
+        if self.config.penalty_margin is not None:
+            ids = torch.zeros(n, dtype=torch.long) if groups is None else torch.as_tensor(groups).long().cpu()
+            if ids.shape != (n,):
+                raise ValueError(f"score(): groups must have one id per completion ({n}), got {tuple(ids.shape)}")
+            out.reward = penalise_below_group(
+                out.reward, penalised, ids, self.config.penalty_margin, self.config.penalty_floor
+            )
         return ScoreResult(out, explanations, matched, counts)

@@ -11,6 +11,7 @@ Everything is carried as tensors: masks `[B, L]` over right-padded id batches.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -181,3 +182,19 @@ def completion_explanation_mask(
     start, end = offsets.offsets(completion_ids, skip_special=True, mask=completion_mask)
     lo = torch.zeros_like(explanation_end_bytes)
     return span_mask(start, end, lo, explanation_end_bytes, completion_mask.bool())
+
+
+def nfc_fields(row: dict, keys: Sequence[str] = ("question", "solution", "thought", "answer")) -> dict:
+    """A copy of `row` with its text fields NFC-normalised (the exact-span encoder refuses text a tokenizer
+    normaliser would rewrite). Raises a ValueError naming the row and field for text that is not valid Unicode
+    (a lone surrogate), instead of a tokenizer failure deep inside a step."""
+    out = dict(row)
+    for key in keys:
+        value = out.get(key)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"row {row.get('id')!r}: field {key!r} holds a lone surrogate") from err
+            out[key] = unicodedata.normalize("NFC", value)
+    return out

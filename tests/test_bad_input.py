@@ -122,15 +122,37 @@ def test_empty_explanation_takes_the_nan_penalty_path(compact):
 
 def test_context_overflow_is_counted_and_penalised(compact):
     long = "the sum " * 40 + "</E>"
-    full, _ = _score(compact, [long, "42</E>"])
-    cut, _ = _score(compact, [long, "42</E>"], max_length=60)
+    regular = ["42</E>", "12 plus 30 is 42</E>", "add the tens then the ones</E>"]
+    full, _ = _score(compact, [long, *regular])
+    cut, _ = _score(compact, [long, *regular], max_length=60)
     assert cut.counts["overflow"] == 1 and full.counts["overflow"] == 0
-    assert bool(cut.output.components["rss_nan_filled"][0]) and bool(cut.output.components["rkl_nan_filled"][0])
-    paper = RewardConfig()  # the fixed penalties: rSS NaN -> -1 per coefficient, rKL NaN -> +1 (negated)
-    penalty = -sum(paper.answer_log_prob_coeffs) - sum(paper.kl_penalty_coeffs) + float(cut.output.match[0])
-    assert float(cut.output.reward[0]) == pytest.approx(penalty)
-    assert float(full.output.reward[0]) != pytest.approx(penalty)
-    torch.testing.assert_close(cut.output.reward[1], full.output.reward[1], atol=1e-6, rtol=0)
+    comps = cut.output.components
+    assert bool(comps["rss_nan_filled"][0]) and bool(comps["rkl_nan_filled"][0])
+    assert comps["overflow"].tolist() == [1, 0, 0, 0] and comps["penalised"].tolist() == [1, 0, 0, 0]
+    # a penalty is the worst reward of its group, by construction: the worst regular reward minus the margin
+    worst = float(cut.output.reward[1:].min())
+    assert float(cut.output.reward[0]) == pytest.approx(worst - RewardConfig().penalty_margin, abs=1e-6)
+    assert int(cut.output.reward.argmin()) == 0
+    torch.testing.assert_close(cut.output.reward[1:], full.output.reward[1:], atol=1e-6, rtol=0)
+
+
+def test_penalties_are_below_every_regular_reward_of_their_group(compact):
+    # two groups of three; in each, an empty explanation, an unclosed tag and two regular completions
+    comps = ["</E>", "12 plus 30 is 42</E>", "never closed", "42</E>", "</E>", "the tens: 40, then 2 more</E>"]
+    cb, module = _callback(compact)
+    qs, ss = ["12+30"] * 6, ["42"] * 6
+    prompts = [FMT.teacher_prompt(q, s, compact["tokenizer"]) for q, s in zip(qs, ss)]
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    result, _ = cb.score(module, qs, ss, comps, None, compact["teacher"], prompts, groups=groups)
+    reward, pen = result.output.reward, result.output.components["penalised"].bool()
+    assert pen.tolist() == [True, False, True, False, True, False]
+    for g in (0, 1):
+        in_g = groups == g
+        assert float(reward[in_g & pen].max()) <= float(reward[in_g & ~pen].min()) - 1.0 + 1e-6
+    floor_cb, _ = _callback(compact, reward=RewardConfig(penalty_floor=-50.0))
+    floored, _ = floor_cb.score(module, qs, ss, comps, None, compact["teacher"], prompts, groups=groups)
+    assert floored.output.reward[pen].tolist() == [-50.0, -50.0, -50.0]
+    torch.testing.assert_close(floored.output.reward[~pen], reward[~pen])
 
 
 def test_nonfinite_logprobs_are_counted_in_reward_components():
@@ -256,6 +278,15 @@ def test_too_many_nonfinite_steps_stop_the_run(compact):
         ({"num_iterations": 2}, "num_iterations > 1 needs loss.clip_eps_low"),
         ({"reference": "adapter"}, "reference='adapter' needs model.lora"),
         ({"num_generations": 0}, "num_generations must be >= 1"),
+        ({"num_generations": 1}, "num_generations=1 makes GRPO a no-op"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be > 0"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
+        ({"sampling": SamplingConfig(temperature=0.0)}, "sampling.temperature=0"),
+        ({"sampling": SamplingConfig(top_k=1)}, "top_k=1"),
+        ({"token_budget": 0}, "token_budget must be >= 1"),
+        ({"val_num_generations": 0}, "val_num_generations must be >= 1"),
+        ({"micro_batch_tokens": 0}, "micro_batch_tokens must be >= 1"),
+        ({"max_nonfinite_steps": -1}, "max_nonfinite_steps must be >= 0"),
     ],
 )
 def test_grpo_config_errors_name_the_flag(compact, kwargs, match):

@@ -9,7 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlt_pl.rewards import RewardConfig, masked_reduce, pack_masked, rlt_reward, token_logprobs
+from rlt_pl.rewards import (
+    RewardConfig,
+    masked_reduce,
+    pack_masked,
+    penalise_below_group,
+    rlt_reward,
+    token_logprobs,
+)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Reference implementation: python floats (float64), one row at a time, written from the spec, not from rewards.py.
@@ -239,6 +246,8 @@ def test_reward_input_validation() -> None:
         (dict(clip_kl=0.0), "clip_kl"),
         (dict(normalize_kl_fn="log"), "normalize_kl_fn"),
         (dict(not_matched_penalty=float("nan")), "not_matched_penalty"),
+        (dict(penalty_margin=-1.0), "penalty_margin"),
+        (dict(penalty_floor=float("inf")), "penalty_floor"),
     ],
 )
 def test_config_validation_names_the_field(kwargs: dict, field: str) -> None:
@@ -311,3 +320,35 @@ def test_token_logprobs_bf16_grad_and_errors() -> None:
         token_logprobs(logits, torch.full((2, 4), 9))
     with pytest.raises(ValueError, match="logits"):
         token_logprobs(logits[:, :3], ids)
+
+
+def test_penalise_below_group_golden_values() -> None:
+    # group 0: a fixed-fill penalty (-4.04) that is the best reward of its group; group 1: only penalised rows
+    reward = torch.tensor([-4.04, -5.52, -6.80, 1.0, float("nan"), 3.0, 2.0])
+    pen = torch.tensor([True, False, False, True, True, False, True])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    out = penalise_below_group(reward, pen, groups, margin=1.0)
+    expected = torch.tensor([-7.80, -5.52, -6.80, 1.0, float("nan"), 3.0, 2.0])
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    floored = penalise_below_group(reward, pen, groups, margin=0.5, floor=-10.0)
+    torch.testing.assert_close(floored, torch.tensor([-10.0, -5.52, -6.80, -10.0, -10.0, 3.0, -10.0]))
+    assert penalise_below_group(reward, torch.zeros(7, dtype=torch.bool), groups, 1.0) is reward
+    with pytest.raises(ValueError, match="margin"):
+        penalise_below_group(reward, pen, groups, margin=-1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(-50, 50), st.booleans(), st.integers(0, 3)), min_size=1, max_size=12),
+    st.floats(0, 5),
+)
+def test_penalised_rows_rank_below_every_regular_row_of_their_group(rows, margin) -> None:
+    reward = torch.tensor([r for r, _, _ in rows], dtype=torch.float64)
+    pen = torch.tensor([p for _, p, _ in rows])
+    groups = torch.tensor([g for _, _, g in rows])
+    out = penalise_below_group(reward, pen, groups, margin)
+    assert torch.equal(out[~pen], reward[~pen])
+    for g in groups.unique():
+        in_g = groups == g
+        if bool((in_g & pen).any()) and bool((in_g & ~pen).any()):
+            assert float(out[in_g & pen].max()) <= float(out[in_g & ~pen].min()) - margin + 1e-9

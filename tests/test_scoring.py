@@ -202,7 +202,7 @@ def test_batched_reward_matches_per_sample_reference(kind: str, n: int, request)
     tok, teacher, student, fmt = setup_kind(kind, request)
     qs, ss, cs = make_rows(kind, n, max_words=24)
     prompts = [fmt.teacher_prompt(q, s, tok) for q, s in zip(qs, ss)]
-    scorer = RLTScorer(student, tok, fmt, RewardConfig())
+    scorer = RLTScorer(student, tok, fmt, RewardConfig(penalty_margin=None))  # the authors' fixed fills (parity)
     res = scorer.score(qs, ss, cs, teacher_model=teacher, prompts=prompts)
 
     ref = RefStrings(kind, tok)
@@ -280,7 +280,7 @@ def test_sampled_id_path(tokenizer, teacher_model, student_model) -> None:
         canonical.append(full["input_ids"][: len(sampled)] == sampled)
     assert canonical[-4:] == [True, False, True, False]
 
-    scorer = RLTScorer(student_model, tokenizer, fmt)
+    scorer = RLTScorer(student_model, tokenizer, fmt, RewardConfig(penalty_margin=None))  # per-row, no group floor
     text_path = scorer.score(row_q, row_s, texts, teacher_model=teacher_model, prompts=row_p)
     sampled = scorer.score(row_q, row_s, texts, teacher_tokens=tt)
     mixed = scorer.score(row_q, row_s, texts, teacher_tokens=tt, teacher_model=teacher_model, prompts=row_p)
@@ -314,12 +314,22 @@ def test_overflow_rows_are_counted_and_penalised(kind: str, n: int, request) -> 
     limit = sorted(lengths)[len(lengths) // 2]
     short = RLTScorer(student_model, tokenizer, fmt, max_length=limit)
     res = short.score(qs, ss, cs, teacher_model=teacher_model, prompts=prompts)
-    over = torch.tensor([n > limit for n in lengths])
+    # the teacher forward is bounded by the same limit: a row whose teacher context is longer overflows too
+    t_lengths = [
+        len(tokenizer(fmt.teacher_scoring_text(p, c).text, add_special_tokens=False)["input_ids"])
+        for p, c in zip(prompts, cs)
+    ]
+    over = torch.tensor([a > limit or b > limit for a, b in zip(lengths, t_lengths)])
+    assert res.output.components["overflow"].bool().tolist() == over.tolist()
     assert res.counts["overflow"] == int(over.sum()) > 0
     assert res.counts["token_mismatch"] == 0
-    penalty = -1.01 - 3.03 + res.output.match  # rSS and rKL NaN fills
-    torch.testing.assert_close(res.output.reward[over], penalty[over])
-    torch.testing.assert_close(res.output.reward[~over], full.output.reward[~over], atol=1e-5, rtol=0)
+    penalty = -1.01 - 3.03 + res.output.match  # rSS and rKL NaN fills, before the group floor
+    s_over = torch.tensor([a > limit for a in lengths])  # student context cut: both fills
+    torch.testing.assert_close(res.output.components["reward_unpenalised"][s_over], penalty[s_over])
+    pen = res.output.components["penalised"].bool()
+    assert bool(pen[over].all()) and float(res.output.reward[pen].max()) <= float(res.output.reward[~pen].min()) - 1
+    regular = ~over & ~full.output.components["penalised"].bool()
+    torch.testing.assert_close(res.output.reward[regular], full.output.reward[regular], atol=1e-5, rtol=0)
     assert torch.isfinite(res.output.reward).all()
 
 

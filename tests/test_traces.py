@@ -30,15 +30,15 @@ def compact_dirs(tmp_path_factory):
     return build_compact_assets(tmp_path_factory.mktemp("compact"), CompactFormat().tag_tokens())
 
 
-def _predict(teacher_dir, out_dir, num_train=24, **writer_kwargs) -> TraceWriter:
+def _predict(teacher_dir, out_dir, num_train=24, batch_size=8, temperature=0.7, **writer_kwargs) -> TraceWriter:
     module = TeacherSFTModule(
         ModelConfig(str(teacher_dir), dtype="float32"),
         format=CompactFormat(),
-        sampling=SamplingConfig(max_new_tokens=12, temperature=0.7),
+        sampling=SamplingConfig(max_new_tokens=12, temperature=temperature),
     )
     writer = TraceWriter(str(out_dir), **writer_kwargs)
     trainer = Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False)
-    data = AdditionDataModule(num_train=num_train, num_heldout=4, batch_size=8)
+    data = AdditionDataModule(num_train=num_train, num_heldout=4, batch_size=batch_size)
     trainer.predict(module, datamodule=data, return_predictions=False)
     return writer
 
@@ -69,6 +69,41 @@ def test_predict_writes_valid_shards_and_rerun_skips_them(compact_dirs, tmp_path
     writer2 = _predict(compact_dirs["teacher"], out)
     assert writer2.counts["skipped_shards"] == 3 and writer2.counts["written"] == 0
     assert {s.name: s.read_bytes() for s in sorted(out.glob("shard-*.jsonl"))} == before
+
+
+def _ids(out) -> list[str]:
+    return [json.loads(line)["id"] for s in sorted(out.glob("shard-*.jsonl")) for line in s.read_text().splitlines()]
+
+
+def test_rerun_with_other_batching_loses_and_duplicates_nothing(compact_dirs, tmp_path):
+    out = tmp_path / "traces"
+    _predict(compact_dirs["teacher"], out, batch_size=8)
+    (out / "shard-00001.jsonl").unlink()  # as if killed before the second batch was written
+    kept = set(_ids(out))
+    writer = _predict(compact_dirs["teacher"], out, batch_size=5)  # other batch positions than the first run
+    ids = _ids(out)
+    assert len(ids) == 24 and set(ids) == {f"add-train-{i}" for i in range(24)}
+    assert writer.counts["written"] == 8 and writer.counts["skipped_rows"] == 16 and len(kept) == 16
+    # dropped rows are done too: a rerun regenerates nothing
+    dropped = tmp_path / "drop"
+    _predict(compact_dirs["teacher"], dropped, num_train=8, max_trace_tokens=6, overflow="drop")
+    again = _predict(compact_dirs["teacher"], dropped, num_train=8, batch_size=3, max_trace_tokens=6, overflow="drop")
+    assert again.counts["rows"] == 0 and again.counts["skipped_rows"] == 8
+
+
+def test_rerun_with_another_lineage_is_refused_unless_restarted(compact_dirs, tmp_path):
+    out = tmp_path / "traces"
+    _predict(compact_dirs["teacher"], out, num_train=8)
+    before = {s.name: s.read_bytes() for s in out.glob("shard-*")}
+    with pytest.raises(ValueError, match=r"another lineage \(sampling: .*'temperature': 0.7.*-> .*'temperature': 0.9"):
+        _predict(compact_dirs["teacher"], out, num_train=8, temperature=0.9)
+    assert {s.name: s.read_bytes() for s in out.glob("shard-*")} == before
+    assert json.loads((out / "lineage.json").read_text())["sampling"]["temperature"] == 0.7
+    with pytest.raises(ValueError, match="model: "):
+        _predict(compact_dirs["student"], out, num_train=8)
+    fresh = _predict(compact_dirs["teacher"], out, num_train=8, temperature=0.9, restart=True)
+    assert fresh.counts["written"] == 8 and len(_ids(out)) == 8
+    assert json.loads((out / "lineage.json").read_text())["sampling"]["temperature"] == 0.9
 
 
 def test_overflow_is_counted_and_handled(compact_dirs, tmp_path):

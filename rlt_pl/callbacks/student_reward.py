@@ -89,9 +89,12 @@ class StudentRewardCallback(Callback):
         teacher_tokens: PackedTokens | None = None,
         teacher_model: torch.nn.Module | None = None,
         prompts: Sequence[str] | None = None,
+        groups: torch.Tensor | None = None,
     ) -> tuple[ScoreResult, dict[str, torch.Tensor]]:
-        """Score completions; returns the result and per-completion metrics (reward components, diagnostics)."""
-        result = self.scorer(pl_module).score(questions, solutions, completions, teacher_tokens, teacher_model, prompts)
+        """Score completions; returns the result and per-completion metrics (reward components, diagnostics).
+        `groups` [B]: the prompt each completion belongs to (penalties go below the worst regular reward of it)."""
+        scorer = self.scorer(pl_module)
+        result = scorer.score(questions, solutions, completions, teacher_tokens, teacher_model, prompts, groups)
         out = result.output
         metrics = {"rss": out.rss, "rkl": out.rkl, "match_rate": result.matched.float()}
         for k, v in out.components.items():

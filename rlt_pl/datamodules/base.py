@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import unicodedata
 from pathlib import Path
 from typing import Literal
 
@@ -77,6 +78,57 @@ def make_row(
     }
 
 
+def parse_jsonl_line(line: bytes, lineno: int) -> object:
+    """One JSONL line -> the decoded value, or a ``RowError`` saying why it cannot be read (invalid UTF-8, bad JSON,
+    nesting too deep, an integer beyond Python's digit limit) so one bad line is reported, never fatal.
+
+    Args:
+        line: the raw bytes of the line.
+        lineno: its 1-based number (for the message).
+    """
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return RowError(f"line {lineno} is not valid UTF-8 (byte {err.start})")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        return RowError(f"line {lineno} is not valid JSON: {err.msg}")
+    except RecursionError:
+        return RowError(f"line {lineno} is not valid JSON: nested too deeply")
+    except ValueError as err:
+        return RowError(f"line {lineno} is not valid JSON: {err}")
+
+
+def nfc_row(row: dict) -> tuple[dict, bool]:
+    """NFC-normalise a common-schema row's text (top-level strings and string metadata values).
+
+    Returns the row and whether anything changed. Raises ``RowError`` for a string that is not valid Unicode text
+    (a lone surrogate from a ``\\udXXX`` escape), which would crash a tokenizer later.
+
+    Args:
+        row: a normalised row.
+    """
+    changed = False
+
+    def fix(key: str, value: object) -> object:
+        nonlocal changed
+        if not isinstance(value, str):
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RowError(f"field {key!r} holds a lone surrogate (not valid Unicode text)") from err
+        nfc = unicodedata.normalize("NFC", value)
+        changed |= nfc != value
+        return nfc
+
+    out = {k: fix(k, v) for k, v in row.items()}
+    if isinstance(out.get("metadata"), dict):
+        out["metadata"] = {k: fix(f"metadata.{k}", v) for k, v in out["metadata"].items()}
+    return out, changed
+
+
 def read_local_rows(path: Path) -> list:
     """Read raw rows from a .json (list of objects, or ``{"data": [...]}``), .jsonl or .parquet file.
 
@@ -88,16 +140,16 @@ def read_local_rows(path: Path) -> list:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         out: list = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for lineno, line in enumerate(path.read_bytes().splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                out.append(RowError(f"line {lineno} is not valid JSON: {err.msg}"))
+            out.append(parse_jsonl_line(line, lineno))
         return out
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, RecursionError, ValueError) as err:
+            raise ValueError(f"data.init_args.data_path {str(path)!r} is not a readable JSON file: {err}") from err
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -411,6 +463,7 @@ class RowDataModule(LightningDataModule):
         self.rows: list[dict] | None = None
         self.splits: dict[str, list[dict]] = {}
         self.invalid_rows: list[tuple[str, str]] = []
+        self.nfc_normalized = 0
         self.num_raw_rows = 0
 
     # ----------------------------------------------------------------------------------------- subclass hooks
@@ -464,7 +517,7 @@ class RowDataModule(LightningDataModule):
         if self.limit is not None:
             raws = raws[: self.limit]
         self.num_raw_rows = len(raws)
-        rows, invalid, seen = [], [], set()
+        rows, invalid, seen, nfc = [], [], set(), 0
         for index, raw in enumerate(raws):
             rid = self.raw_id(raw, index)
             try:
@@ -474,14 +527,19 @@ class RowDataModule(LightningDataModule):
                     raise RowError(f"row is {type(raw).__name__}, expected an object")
                 row = self.normalize(raw, index)
                 rid = row["id"]
+                row, changed = nfc_row(row)
+                rid = row["id"]
                 if rid in seen:
                     raise RowError("duplicate id")
             except RowError as err:
                 invalid.append((rid, str(err)))
                 continue
+            nfc += changed
             seen.add(rid)
             rows.append(row)
-        self.rows, self.invalid_rows = rows, invalid
+        self.rows, self.invalid_rows, self.nfc_normalized = rows, invalid, nfc
+        if nfc:
+            log.info("%s: NFC-normalised the text of %d rows", self.name, nfc)
         if invalid:
             shown = ", ".join(f"{i} ({r})" for i, r in invalid[:_REPORT_IDS])
             more = f" and {len(invalid) - _REPORT_IDS} more" if len(invalid) > _REPORT_IDS else ""
@@ -549,10 +607,11 @@ class RowDataModule(LightningDataModule):
 
     # ---------------------------------------------------------------------------------------------- logging
     def data_stats(self) -> dict[str, float]:
-        """``data/<name>/rows``, ``data/<name>/invalid_rows`` and ``data/<name>/raw_rows``."""
+        """``data/<name>/rows``, ``invalid_rows``, ``nfc_normalized`` (rows whose text NFC changed), ``raw_rows``."""
         return {
             f"data/{self.name}/rows": float(len(self.rows or [])),
             f"data/{self.name}/invalid_rows": float(len(self.invalid_rows)),
+            f"data/{self.name}/nfc_normalized": float(self.nfc_normalized),
             f"data/{self.name}/raw_rows": float(self.num_raw_rows),
         }
 

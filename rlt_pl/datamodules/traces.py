@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from rlt_pl.datamodules.base import RowDataModule, RowError, read_local_rows, require_str, resumable_loader
 from rlt_pl.datamodules.multi import MultiBenchmarkDataModule
 from rlt_pl.tasks.base import Task
@@ -71,8 +73,18 @@ class TracesDataModule(RowDataModule):
         thought = raw.get("thought")
         if thought is not None and not isinstance(thought, str):
             raise RowError("field 'thought' must be a string")
+        if "id" in raw and raw["id"] is None:
+            raise RowError("id is null")
+        rid = raw.get("id", f"trace-{index}")
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise RowError(f"id is {type(rid).__name__}, expected a string or an integer")
+        kinds = self._id_kinds.setdefault(str(rid), type(rid).__name__)
+        if kinds != type(rid).__name__:
+            raise RowError(f"id {rid!r} ({type(rid).__name__}) collides with id {str(rid)!r} ({kinds}) as text")
+        if not self.answer_only and not (thought or "").strip():
+            self.missing_thought.append(str(rid))
         row = {
-            "id": str(raw.get("id", f"trace-{index}")),
+            "id": str(rid),
             "question": require_str(raw, "question"),
             "solution": require_str(raw, "solution"),
             "answer": str(raw.get("answer", "")),
@@ -82,9 +94,24 @@ class TracesDataModule(RowDataModule):
         return row
 
     def setup(self, stage: str | None = None) -> None:
+        if self.rows is None:
+            self._id_kinds: dict[str, str] = {}
+            self.missing_thought: list[str] = []
         super().setup(stage)
+        if self.missing_thought:
+            shown = ", ".join(self.missing_thought[:10])
+            rank_zero_warn(
+                f"traces: {len(self.missing_thought)} rows have no thought and train answer-only: {shown}"
+                + (" ..." if len(self.missing_thought) > 10 else "")
+            )
         if self.eval_data is not None:
             self.eval_data.setup(stage)
+
+    def data_stats(self) -> dict[str, float]:
+        """The base stats plus ``data/traces/missing_thought`` (rows that train answer-only)."""
+        stats = super().data_stats()
+        stats["data/traces/missing_thought"] = float(len(getattr(self, "missing_thought", [])))
+        return stats
 
     def train_dataloader(self):
         rows = self.rows_for("train")

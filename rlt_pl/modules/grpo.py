@@ -131,6 +131,22 @@ class GRPOModule(CausalLMModule):
         super().__init__(model=model, **kwargs)
         if num_generations < 1:
             raise ValueError("model.init_args.num_generations must be >= 1")
+        if num_generations == 1:
+            raise ValueError(
+                "model.init_args.num_generations=1 makes GRPO a no-op (a group of one has advantage 0); use >= 2"
+            )
+        if max_grad_norm is not None and not 0 < max_grad_norm < float("inf"):
+            raise ValueError(
+                f"model.init_args.max_grad_norm must be > 0 (or null: no clipping), got {max_grad_norm}; a negative "
+                "norm would flip the update's sign"
+            )
+        for name, value in (("token_budget", token_budget), ("val_num_generations", val_num_generations)):
+            if value < 1:
+                raise ValueError(f"model.init_args.{name} must be >= 1, got {value}")
+        if micro_batch_tokens is not None and micro_batch_tokens < 1:
+            raise ValueError(f"model.init_args.micro_batch_tokens must be >= 1 or null, got {micro_batch_tokens}")
+        if max_nonfinite_steps < 0:
+            raise ValueError(f"model.init_args.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         if micro_batch_size < 1:
             raise ValueError("model.init_args.micro_batch_size must be >= 1")
         if num_iterations < 1:
@@ -146,6 +162,11 @@ class GRPOModule(CausalLMModule):
             raise ValueError("model.init_args.reference='none' needs loss.beta: 0")
         if advantage_scale not in ("std", "none"):
             raise ValueError("model.init_args.advantage_scale must be std or none")
+        if self.sampling.temperature == 0 or self.sampling.top_k == 1:
+            raise ValueError(
+                "model.init_args.sampling.temperature=0 / top_k=1 (greedy) samples G identical completions: every "
+                "advantage is 0 and GRPO never updates; use a temperature > 0 (paper: 0.7)"
+            )
         self.reward = reward
         self.num_generations = num_generations
         self.micro_batch_size = micro_batch_size

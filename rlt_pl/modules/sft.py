@@ -26,7 +26,7 @@ from rlt_pl.generation import SamplingConfig
 from rlt_pl.models import ModelConfig
 from rlt_pl.modules.base import CausalLMModule
 from rlt_pl.rewards import token_logprobs
-from rlt_pl.spans import ByteOffsets, encode_with_spans
+from rlt_pl.spans import ByteOffsets, encode_with_spans, nfc_fields
 
 
 class SFTModule(CausalLMModule):
@@ -79,7 +79,7 @@ class SFTModule(CausalLMModule):
         return self._offsets
 
     def encode(self, rows: Sequence[dict]):
-        rendered = [self.render(r) for r in rows]
+        rendered = [self.render(nfc_fields(r)) for r in rows]  # NFC: the DataModules already are
         eos = self.tokenizer.eos_token if not self.format.use_chat_template else ""
         texts = [r.text + eos for r in rendered]  # plain formats: EOS ends the sequence
         spans = [{"completion": (r.spans["completion"][0], len(t))} for r, t in zip(rendered, texts)]

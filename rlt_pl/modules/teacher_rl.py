@@ -22,6 +22,15 @@ from rlt_pl.modules.grpo import PROMPT_TAIL_TOKENS, GRPOModule, Reward, RewardRe
 from rlt_pl.scoring import teacher_logprobs_from_policy
 
 
+def group_ids(rows) -> torch.Tensor:
+    """[N] group id per completion: the rollout repeats each prompt's row object n times, consecutively."""
+    ids, last = [], None
+    for row in rows:
+        ids.append(len(ids) and ids[-1] + (row is not last))
+        last = row
+    return torch.tensor(ids, dtype=torch.long)
+
+
 class RLTReward(Reward):
     """The RLT reward, computed by the trainer's `StudentRewardCallback`."""
 
@@ -53,7 +62,10 @@ class RLTReward(Reward):
                 lp.cpu(),
                 scored_from=max(0, lp.shape[1] - gen.completion_ids.shape[1] - PROMPT_TAIL_TOKENS),
             )
-        result, metrics = cb.score(module, questions, solutions, texts, teacher_tokens, module.model, gen.prompts)
+        groups = group_ids(rows)
+        result, metrics = cb.score(
+            module, questions, solutions, texts, teacher_tokens, module.model, gen.prompts, groups=groups
+        )
         metrics["explanation_chars"] = torch.tensor([float(len(e)) for e in result.explanations])
         return RewardResult(
             result.output.reward.float(),
