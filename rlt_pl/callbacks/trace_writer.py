@@ -230,7 +230,8 @@ class TraceWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         if prediction is None:
             return
-        prediction = [t for t in prediction if str(t["id"]) not in self.done_ids]  # regenerated on another rank's behalf
+        # several ranks: rows written before were regenerated on another rank's behalf
+        prediction = [t for t in prediction if str(t["id"]) not in self.done_ids]
         if not prediction:
             return
         lines, dropped = [], []
