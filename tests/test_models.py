@@ -74,13 +74,17 @@ def test_dtype_handling(tiny_dirs):
     assert ModelConfig("x", dtype="float16").torch_dtype() == torch.float16
 
 
-def test_quantization_needs_cuda(tiny_dirs):
+def test_quantization_needs_cuda_or_cpu_bitsandbytes(tiny_dirs):
     cfg = ModelConfig(str(tiny_dirs["teacher"]), quantization="4bit", lora=LoraConfig())
-    with pytest.raises(ValueError, match=r"model.quantization='4bit' needs a CUDA device"):
+    old_bnb = mock.patch("rlt_pl.models.bitsandbytes_runs_on_cpu", return_value=False)
+    with old_bnb, pytest.raises(ValueError, match=r"model.quantization='4bit' needs a CUDA device, or bitsandbytes"):
         cfg.validate(needs_cuda_ok=False)
-    with NO_CUDA, pytest.raises(ValueError, match=r"model.quantization='4bit' needs a CUDA device"):
+    with old_bnb, NO_CUDA, pytest.raises(ValueError, match=r"model.quantization='4bit' needs a CUDA device"):
         load_causal_lm(cfg)
     cfg.validate(needs_cuda_ok=True)  # fine where CUDA exists
+    with mock.patch("rlt_pl.models.bitsandbytes_runs_on_cpu", return_value=True):
+        cfg.validate(needs_cuda_ok=False)  # and on CPU with bitsandbytes >= 0.48
+    assert ModelConfig("x", quantization="4bit").torch_dtype() == torch.bfloat16  # "auto" = the compute dtype
     with mock.patch("torch.cuda.is_available", return_value=True):
         no_lora = ModelConfig(str(tiny_dirs["teacher"]), quantization="8bit")
         with pytest.raises(ValueError, match="cannot be trained directly; set model.lora"):
