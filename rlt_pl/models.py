@@ -35,9 +35,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # A Hugging Face Hub id: "name" or "org/name" (letters, digits, "-", "_", ".").
 _BNB_CPU_MIN = "0.48"  # first bitsandbytes with CPU kernels for NF4 / int8 layers
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# Bytes per parameter used by `model_memory_table`.
-_NF4_BYTES = 0.5 + 0.127 / 8  # 4 bits + double-quantized constants (QLoRA paper, Dettmers et al. 2023, §2: 0.127 bit)
-_LORA_FRACTION_QWEN25_7B = 0.0053  # r=16 all-linear on Qwen2.5-7B: 28 layers x 1,441,792 = 40.4M of 7.6B params
 
 
 @dataclass
@@ -399,40 +396,3 @@ def export_model(
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def model_memory_table(
-    num_params: float, lora_params: float | None = None, unit: Literal["GB", "GiB"] = "GiB"
-) -> list[dict]:
-    """Bytes for weights, gradients and optimizer state of one trained model (computed, not measured).
-
-    Activations, the frozen student and any reference copy are excluded. AdamW keeps two fp32 moments (8 B/param);
-    8-bit AdamW keeps two uint8 moments (2 B/param, block constants ignored). Adapters are trained in fp32.
-
-    Args:
-        num_params: parameters of the base model.
-        lora_params: adapter parameters; None estimates r=16 all-linear on Qwen2.5 (0.53% of `num_params`).
-        unit: "GiB" (2**30 bytes) or "GB" (1e9 bytes).
-
-    Returns:
-        Rows `{"setup", "weights", "grads", "optimizer", "total"}` in `unit`.
-    """
-    if num_params <= 0:
-        raise ValueError(f"num_params must be > 0, got {num_params}")
-    lp = num_params * _LORA_FRACTION_QWEN25_7B if lora_params is None else lora_params
-    if lp < 0:
-        raise ValueError(f"lora_params must be >= 0, got {lora_params}")
-    scale = {"GiB": 2**30, "GB": 1e9}[unit]
-    p = num_params
-    rows = [  # (setup, weights, grads, optimizer) in bytes
-        ("full FT, bf16-mixed (fp32 master), AdamW", 4 * p, 4 * p, 8 * p),
-        ("full FT, bf16-true, AdamW", 2 * p, 2 * p, 8 * p),
-        ("full FT, bf16-true, AdamW8bit", 2 * p, 2 * p, 2 * p),
-        ("LoRA, bf16 base, AdamW", 2 * p + 4 * lp, 4 * lp, 8 * lp),
-        ("QLoRA, NF4 base, AdamW", _NF4_BYTES * p + 4 * lp, 4 * lp, 8 * lp),
-        ("frozen model, bf16 (no grads)", 2 * p, 0.0, 0.0),
-    ]
-    return [
-        {"setup": s, "weights": w / scale, "grads": g / scale, "optimizer": o / scale, "total": (w + g + o) / scale}
-        for s, w, g, o in rows
-    ]

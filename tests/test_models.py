@@ -19,7 +19,6 @@ from rlt_pl.models import (
     is_lora,
     load_causal_lm,
     load_tokenizer,
-    model_memory_table,
     reference_mode,
 )
 from rlt_pl.tiny import default_corpus, train_tokenizer
@@ -221,18 +220,6 @@ def test_load_tokenizer_padding(tiny_dirs, tmp_path):
     fim.pad_token = None
     fim.save_pretrained(tmp_path / "fim")
     assert load_tokenizer(str(tmp_path / "fim")).pad_token == "<|fim_pad|>"
-
-
-def test_model_memory_table():
-    rows = {r["setup"]: r for r in model_memory_table(7.6e9, lora_params=40e6, unit="GB")}
-    assert rows["full FT, bf16-true, AdamW"]["total"] == pytest.approx(12 * 7.6)
-    assert rows["full FT, bf16-mixed (fp32 master), AdamW"]["total"] == pytest.approx(16 * 7.6)
-    assert rows["full FT, bf16-true, AdamW8bit"]["optimizer"] == pytest.approx(2 * 7.6)
-    assert rows["LoRA, bf16 base, AdamW"]["total"] == pytest.approx(2 * 7.6 + 16 * 0.04)
-    assert rows["QLoRA, NF4 base, AdamW"]["weights"] < rows["LoRA, bf16 base, AdamW"]["weights"] / 3
-    assert rows["frozen model, bf16 (no grads)"]["grads"] == 0
-    with pytest.raises(ValueError, match="num_params"):
-        model_memory_table(0)
 
 
 @requires_cuda
