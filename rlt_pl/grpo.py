@@ -236,3 +236,33 @@ def policy_loss(
         "kl_loss": kl_part.detach(),
     }
     return PolicyLossOutput(loss=loss, metrics=metrics)
+
+
+ENTROPY_CHUNK_ELEMENTS = 2**24  # fp32 values per entropy chunk: 64 MiB, ~0.1 row of a 152k vocabulary per MiB
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_elements: int = ENTROPY_CHUNK_ELEMENTS) -> Tensor:
+    """Entropy of softmax(logits / T) at every position, for logging: `[B, L, V]` → `[B, L]` fp32, no grad.
+
+    Computed row by row on chunks of `chunk_elements` fp32 values, so no fp32 copy of the full logits exists (a full
+    `log_softmax(logits.float())` holds ~3 of them: log-probs, probs, product).
+
+    Args:
+        logits: `[B, L, V]` logits, any float dtype; a slice (e.g. `logits[:, :-1]`) is not copied.
+        temperature: divide the logits by this first; must be > 0.
+        chunk_elements: fp32 values per chunk (at least one row of V).
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"token_entropy: expected logits [B, L, V], got {tuple(logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"token_entropy: temperature must be > 0, got {temperature}")
+    bsz, length, vocab = logits.shape
+    out = torch.empty(bsz, length, dtype=torch.float32, device=logits.device)  # [B, L]
+    step = max(1, chunk_elements // max(vocab, 1))
+    for b in range(bsz):
+        for start in range(0, length, step):
+            z = logits[b, start : start + step].float() / temperature  # [n, V] fp32
+            logp = torch.log_softmax(z, dim=-1)
+            out[b, start : start + step] = -(logp.exp() * logp).sum(-1)
+    return out

@@ -19,6 +19,7 @@ from typing import Literal
 
 import peft
 import torch
+from packaging.version import Version
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -32,10 +33,8 @@ log = logging.getLogger(__name__)
 FIM_PAD_TOKEN = "<|fim_pad|>"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A Hugging Face Hub id: "name" or "org/name" (letters, digits, "-", "_", ".").
+_BNB_CPU_MIN = "0.48"  # first bitsandbytes with CPU kernels for NF4 / int8 layers
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# Bytes per parameter used by `model_memory_table`.
-_NF4_BYTES = 0.5 + 0.127 / 8  # 4 bits + double-quantized constants (QLoRA paper, Dettmers et al. 2023, §2: 0.127 bit)
-_LORA_FRACTION_QWEN25_7B = 0.0053  # r=16 all-linear on Qwen2.5-7B: 28 layers x 1,441,792 = 40.4M of 7.6B params
 
 
 @dataclass
@@ -89,7 +88,7 @@ class ModelConfig:
         attn_implementation: "sdpa", "eager", "flash_attention_2" (CUDA only) or None (transformers' choice).
         trust_remote_code: run modelling code shipped with the checkpoint; only when the config says so.
         quantization: load the weights with bitsandbytes: "4bit" (NF4, double quantization, bf16 compute) or
-            "8bit". Needs CUDA and LoRA for training (QLoRA).
+            "8bit". Training needs LoRA (QLoRA). Runs on CUDA, and on CPU with bitsandbytes >= 0.48 (slow; tests).
         lora: LoRA adapter settings; None trains all weights.
         gradient_checkpointing: non-reentrant activation checkpointing of every decoder layer.
         compile: `torch.compile` the model in place (opt-in).
@@ -117,10 +116,10 @@ class ModelConfig:
             raise ValueError(f"model.dtype must be one of auto/float32/bfloat16/float16, got {self.dtype!r}")
         if self.quantization not in (None, "4bit", "8bit"):
             raise ValueError(f"model.quantization must be null, '4bit' or '8bit', got {self.quantization!r}")
-        if self.quantization is not None and not cuda_ok:
+        if self.quantization is not None and not cuda_ok and not bitsandbytes_runs_on_cpu():
             raise ValueError(
-                f"model.quantization={self.quantization!r} needs a CUDA device with bitsandbytes; "
-                "set model.quantization: null to load unquantized weights on this machine"
+                f"model.quantization={self.quantization!r} needs a CUDA device, or bitsandbytes >= "
+                f"{_BNB_CPU_MIN} on CPU; set model.quantization: null to load unquantized weights on this machine"
             )
         if self.quantization is not None and self.compile:
             raise ValueError("model.compile=true is not supported with model.quantization; set one of them off")
@@ -135,9 +134,9 @@ class ModelConfig:
         resolve_name_or_path(self.name_or_path)
 
     def torch_dtype(self) -> torch.dtype:
-        """The concrete dtype of the weights ("auto" resolved against the current machine)."""
+        """The concrete dtype of the weights ("auto": bfloat16 on CUDA or when quantized, else float32)."""
         if self.dtype == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+            return torch.bfloat16 if torch.cuda.is_available() or self.quantization else torch.float32
         return _DTYPES[self.dtype]
 
     def quantization_config(self) -> BitsAndBytesConfig | None:
@@ -152,6 +151,15 @@ class ModelConfig:
         if self.quantization == "8bit":
             return BitsAndBytesConfig(load_in_8bit=True)
         return None
+
+
+def bitsandbytes_runs_on_cpu() -> bool:
+    """Whether the installed bitsandbytes runs 4-bit / 8-bit layers on CPU tensors (>= 0.48)."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        return False
+    return Version(bitsandbytes.__version__) >= Version(_BNB_CPU_MIN)
 
 
 def resolve_name_or_path(name_or_path: str) -> str:
@@ -229,11 +237,26 @@ def _enable_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
+def _keep_cpu_kbit_layout(model: torch.nn.Module) -> None:
+    """Keep 4-bit weights of a trained model in their standard layout on CPU.
+
+    bitsandbytes (0.50) repacks a `Linear4bit` weight into an AVX512-BF16 inference layout on its first eval-mode
+    forward (e.g. generation); its kernel for that layout is not differentiable, so the next training forward fails.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedModel:
     """Load a causal LM as `config` says, ready to train (`trainable=True`) or frozen for inference.
 
-    Frozen: `eval()` and no parameter requires grad. Trainable: `train()`; quantized weights are prepared with
-    `peft.prepare_model_for_kbit_training`; with `config.lora` only adapter parameters are trainable.
+    Frozen: `eval()` and no parameter requires grad. Trainable: `train()`; with `config.lora` only adapter parameters
+    are trainable. A quantized base is frozen and otherwise kept as loaded: unlike
+    `peft.prepare_model_for_kbit_training` nothing is upcast to fp32 (that would hold embeddings and LM head, ~1.1B
+    parameters on Qwen2.5-7B, in fp32: +2 GiB), since bf16 norms and embeddings are what the bf16 compute reads anyway.
 
     Args:
         config: what to load and how.
@@ -258,7 +281,7 @@ def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedMod
     if quant is not None:
         kwargs["quantization_config"] = quant
         # bitsandbytes weights cannot be moved after loading: place them on this rank's device now.
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(resolve_name_or_path(config.name_or_path), **kwargs)
 
     if not trainable:
@@ -266,12 +289,9 @@ def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedMod
         model.requires_grad_(False)
     else:
         if quant is not None:
-            model = peft.prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=config.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
-            )
-        elif config.gradient_checkpointing:
+            model.requires_grad_(False)  # the quantized base is frozen; only the adapter trains
+            _keep_cpu_kbit_layout(model)
+        if config.gradient_checkpointing:
             _enable_checkpointing(model)
         if config.lora is not None:
             if config.gradient_checkpointing:
@@ -400,40 +420,3 @@ def _unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor])
     if hasattr(base, "generation_config"):
         (copy_.get_base_model() if is_lora(copy_) else copy_).generation_config = base.generation_config
     return copy_
-
-
-def model_memory_table(
-    num_params: float, lora_params: float | None = None, unit: Literal["GB", "GiB"] = "GiB"
-) -> list[dict]:
-    """Bytes for weights, gradients and optimizer state of one trained model (computed, not measured).
-
-    Activations, the frozen student and any reference copy are excluded. AdamW keeps two fp32 moments (8 B/param);
-    8-bit AdamW keeps two uint8 moments (2 B/param, block constants ignored). Adapters are trained in fp32.
-
-    Args:
-        num_params: parameters of the base model.
-        lora_params: adapter parameters; None estimates r=16 all-linear on Qwen2.5 (0.53% of `num_params`).
-        unit: "GiB" (2**30 bytes) or "GB" (1e9 bytes).
-
-    Returns:
-        Rows `{"setup", "weights", "grads", "optimizer", "total"}` in `unit`.
-    """
-    if num_params <= 0:
-        raise ValueError(f"num_params must be > 0, got {num_params}")
-    lp = num_params * _LORA_FRACTION_QWEN25_7B if lora_params is None else lora_params
-    if lp < 0:
-        raise ValueError(f"lora_params must be >= 0, got {lora_params}")
-    scale = {"GiB": 2**30, "GB": 1e9}[unit]
-    p = num_params
-    rows = [  # (setup, weights, grads, optimizer) in bytes
-        ("full FT, bf16-mixed (fp32 master), AdamW", 4 * p, 4 * p, 8 * p),
-        ("full FT, bf16-true, AdamW", 2 * p, 2 * p, 8 * p),
-        ("full FT, bf16-true, AdamW8bit", 2 * p, 2 * p, 2 * p),
-        ("LoRA, bf16 base, AdamW", 2 * p + 4 * lp, 4 * lp, 8 * lp),
-        ("QLoRA, NF4 base, AdamW", _NF4_BYTES * p + 4 * lp, 4 * lp, 8 * lp),
-        ("frozen model, bf16 (no grads)", 2 * p, 0.0, 0.0),
-    ]
-    return [
-        {"setup": s, "weights": w / scale, "grads": g / scale, "optimizer": o / scale, "total": (w + g + o) / scale}
-        for s, w, g, o in rows
-    ]

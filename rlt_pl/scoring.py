@@ -91,14 +91,26 @@ def causal_logprobs(
         ids, attn = input_ids[rows, lo:hi], attention_mask[rows, lo:hi]
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         prev = torch.nn.functional.pad(attn[:, :-1], (1, 0))  # a row's first real token has no context: 0
+        mask_arg = None if only_right_padding(attn) else attn  # causal attention alone is exact (see below)
         if k < hi - lo:
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=k + 1).logits
+            logits = model(input_ids=ids, attention_mask=mask_arg, position_ids=pos, logits_to_keep=k + 1).logits
             lp = token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:]
         else:
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+            logits = model(input_ids=ids, attention_mask=mask_arg, position_ids=pos).logits
             lp = token_logprobs(logits, ids, temperature)
         out[rows, hi - k : hi] = (lp * attn[:, -k:] * prev[:, -k:]).float()
     return out
+
+
+def only_right_padding(attention_mask: Tensor) -> bool:
+    """Whether every row is real tokens followed by padding only (the student batch; a GRPO group sharing a prompt).
+
+    Then the model can run without an attention mask: under causal attention a real token never sees the padding
+    after it, so its logits are those of the masked forward, while the mask-free path skips building and applying a
+    `[B, 1, L, L]` mask (on CPU the masked SDPA forward costs up to ~1.7x more). Padding positions get garbage logits,
+    which the callers mask out.
+    """
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()) and bool(attention_mask[:, 0].all())
 
 
 def scored_suffix(mask: Tensor) -> int | None:

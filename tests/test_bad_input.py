@@ -297,7 +297,7 @@ def test_grpo_config_errors_name_the_flag(compact, kwargs, match):
 @pytest.mark.parametrize(
     ("config", "match"),
     [
-        (ModelConfig("org/model", quantization="4bit"), "quantization='4bit' needs a CUDA device"),
+        (ModelConfig("org/model", quantization="3bit"), "model.quantization must be null, '4bit' or '8bit'"),
         (ModelConfig("./no/such/model"), "looks like a local path but .* does not exist"),
         (ModelConfig("org/model", lora=LoraConfig(r=0)), "lora.r must be > 0"),
     ],

@@ -124,9 +124,11 @@ def test_paper_teacher_config_matches_the_spec(config_cwd, monkeypatch):
 
 
 def test_qlora_config_refuses_cpu_clearly(config_cwd, monkeypatch):
-    """Without CUDA the 24 GB QLoRA config fails at instantiation, naming `model.quantization`."""
+    """Without CUDA and without a CPU-capable bitsandbytes the 24 GB QLoRA config fails at instantiation, naming
+    `model.quantization`."""
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the config is valid here")
+    monkeypatch.setattr("rlt_pl.models.bitsandbytes_runs_on_cpu", lambda: False)
     monkeypatch.chdir(config_cwd)
     path = "configs/teacher/rlt_qwen7b_qlora_24gb.yaml"
     config = yaml.safe_load((REPO / path).read_text())

@@ -19,7 +19,6 @@ from rlt_pl.models import (
     is_lora,
     load_causal_lm,
     load_tokenizer,
-    model_memory_table,
     reference_mode,
 )
 from rlt_pl.tiny import default_corpus, train_tokenizer
@@ -74,13 +73,17 @@ def test_dtype_handling(tiny_dirs):
     assert ModelConfig("x", dtype="float16").torch_dtype() == torch.float16
 
 
-def test_quantization_needs_cuda(tiny_dirs):
+def test_quantization_needs_cuda_or_cpu_bitsandbytes(tiny_dirs):
     cfg = ModelConfig(str(tiny_dirs["teacher"]), quantization="4bit", lora=LoraConfig())
-    with pytest.raises(ValueError, match=r"model.quantization='4bit' needs a CUDA device"):
+    old_bnb = mock.patch("rlt_pl.models.bitsandbytes_runs_on_cpu", return_value=False)
+    with old_bnb, pytest.raises(ValueError, match=r"model.quantization='4bit' needs a CUDA device, or bitsandbytes"):
         cfg.validate(needs_cuda_ok=False)
-    with NO_CUDA, pytest.raises(ValueError, match=r"model.quantization='4bit' needs a CUDA device"):
+    with old_bnb, NO_CUDA, pytest.raises(ValueError, match=r"model.quantization='4bit' needs a CUDA device"):
         load_causal_lm(cfg)
     cfg.validate(needs_cuda_ok=True)  # fine where CUDA exists
+    with mock.patch("rlt_pl.models.bitsandbytes_runs_on_cpu", return_value=True):
+        cfg.validate(needs_cuda_ok=False)  # and on CPU with bitsandbytes >= 0.48
+    assert ModelConfig("x", quantization="4bit").torch_dtype() == torch.bfloat16  # "auto" = the compute dtype
     with mock.patch("torch.cuda.is_available", return_value=True):
         no_lora = ModelConfig(str(tiny_dirs["teacher"]), quantization="8bit")
         with pytest.raises(ValueError, match="cannot be trained directly; set model.lora"):
@@ -217,18 +220,6 @@ def test_load_tokenizer_padding(tiny_dirs, tmp_path):
     fim.pad_token = None
     fim.save_pretrained(tmp_path / "fim")
     assert load_tokenizer(str(tmp_path / "fim")).pad_token == "<|fim_pad|>"
-
-
-def test_model_memory_table():
-    rows = {r["setup"]: r for r in model_memory_table(7.6e9, lora_params=40e6, unit="GB")}
-    assert rows["full FT, bf16-true, AdamW"]["total"] == pytest.approx(12 * 7.6)
-    assert rows["full FT, bf16-mixed (fp32 master), AdamW"]["total"] == pytest.approx(16 * 7.6)
-    assert rows["full FT, bf16-true, AdamW8bit"]["optimizer"] == pytest.approx(2 * 7.6)
-    assert rows["LoRA, bf16 base, AdamW"]["total"] == pytest.approx(2 * 7.6 + 16 * 0.04)
-    assert rows["QLoRA, NF4 base, AdamW"]["weights"] < rows["LoRA, bf16 base, AdamW"]["weights"] / 3
-    assert rows["frozen model, bf16 (no grads)"]["grads"] == 0
-    with pytest.raises(ValueError, match="num_params"):
-        model_memory_table(0)
 
 
 @requires_cuda

@@ -27,7 +27,7 @@ from torch import Tensor
 from rlt_pl.datamodules.base import is_padding
 from rlt_pl.distributed import agree_max, all_gather_objects, all_gather_tensor, all_ranks_true, all_reduce_sum, world
 from rlt_pl.generation import GenerationOutput
-from rlt_pl.grpo import PolicyLossConfig, group_advantages, policy_loss
+from rlt_pl.grpo import PolicyLossConfig, group_advantages, policy_loss, token_entropy
 from rlt_pl.models import ModelConfig, load_causal_lm, reference_mode
 from rlt_pl.modules.base import CausalLMModule, markdown_table
 from rlt_pl.rewards import token_logprobs
@@ -349,9 +349,7 @@ class GRPOModule(CausalLMModule):
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=comp_len + 1).logits
         lp = token_logprobs(logits, ids[:, -(comp_len + 1) :], self.loss_temperature)[:, 1:]  # [b, C]
-        with torch.no_grad():
-            logp_all = torch.log_softmax(logits[:, :-1].float() / self.loss_temperature, -1)
-            entropy = -(logp_all.exp() * logp_all).sum(-1)  # [b, C]
+        entropy = token_entropy(logits[:, :-1], self.loss_temperature)  # [b, C], logged only: fp32 chunks
         mask = buf["gen"].completion_mask[idx][:, :comp_len].to(self.device).bool()
         old = buf["old_lp"][idx][:, prompt_len:hi] if buf["old_lp"] is not None and self.num_iterations > 1 else None
         ref = buf["ref_lp"][idx][:, prompt_len:hi] if buf["ref_lp"] is not None else None
