@@ -53,6 +53,12 @@ def generate_traces(module, rows: list[dict], batch_idx: int, n: int = 1) -> lis
     fmt = module.format
     prompts = [fmt.teacher_prompt(r["question"], r["solution"], module.tokenizer) for r in rows]
     sampling = replace(module.sampling, stop_strings=tuple(fmt.teacher_stop_strings()))
+    keep = module.prompts_within_limit(prompts, sampling)  # over-long prompts: counted, skipped
+    if writer is not None:
+        writer.counts["skipped_long_prompts"] += len(rows) - len(keep)
+    rows, prompts = [rows[i] for i in keep], [prompts[i] for i in keep]
+    if not rows:
+        return []
     gen = module.generate(prompts, n, sampling)
     best = list(range(0, len(rows) * n, n))
     rewards = [None] * len(rows)
@@ -114,6 +120,7 @@ class TraceWriter(BasePredictionWriter):
         self.overflow = overflow
         self.drop_unmatched = drop_unmatched
         self.counts = {"rows": 0, "written": 0, "unmatched": 0, "overflow": 0, "dropped": 0, "skipped_shards": 0}
+        self.counts["skipped_long_prompts"] = 0
 
     def shard_path(self, batch_idx: int) -> Path:
         return self.output_dir / f"shard-{batch_idx:05d}.jsonl"

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rlt_pl.formats import RLTFormat, StratosFormat
 from rlt_pl.generation import GenerationEngine, HFGenerationEngine, SamplingConfig
@@ -96,6 +96,7 @@ class CausalLMModule(LightningModule):
         self.merge_lora_on_export = merge_lora_on_export
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
+        self.skipped_long_prompts = 0  # prompts over sampling.max_prompt_tokens, skipped (never a crash mid-run)
 
     # ---------------------------------------------------------------- lifecycle
     def setup(self, stage: str) -> None:
@@ -138,6 +139,23 @@ class CausalLMModule(LightningModule):
             rank_zero_info(f"exported model to {out}")
 
     # ---------------------------------------------------------------- helpers
+    def prompts_within_limit(self, prompts: Sequence[str], sampling: SamplingConfig | None = None) -> list[int]:
+        """Indices of the prompts within `sampling.max_prompt_tokens`; the others are counted in
+        `skipped_long_prompts` (one over-long dataset row must not stop a run)."""
+        limit = (sampling or self.sampling).max_prompt_tokens
+        if limit is None or not prompts:
+            return list(range(len(prompts)))
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+        keep = [i for i, n in enumerate(lengths) if n <= limit]
+        skipped = len(prompts) - len(keep)
+        if skipped:
+            self.skipped_long_prompts += skipped
+            rank_zero_warn(
+                f"{skipped} prompt(s) over sampling.max_prompt_tokens={limit} skipped "
+                f"({self.skipped_long_prompts} so far)"
+            )
+        return keep
+
     def generate(self, prompts: Sequence[str], n: int = 1, sampling: SamplingConfig | None = None):
         return self.engine.generate(self.model, self.tokenizer, prompts, n, sampling or self.sampling)
 
