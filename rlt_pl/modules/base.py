@@ -84,6 +84,12 @@ class CausalLMModule(LightningModule):
             raise ValueError(f"model.init_args.lr must be > 0, got {lr}")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"model.init_args.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if merge_lora_on_export and model.quantization is not None:
+            raise ValueError(
+                "model.init_args.merge_lora_on_export=true cannot merge into a "
+                f"model.quantization={model.quantization!r} base (the merged weights would be re-quantized); "
+                "export the adapter (merge_lora_on_export: false)"
+            )
         model.validate()
         self.model_config = model
         self.format = format or StratosFormat()
