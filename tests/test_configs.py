@@ -134,3 +134,30 @@ def test_qlora_config_refuses_cpu_clearly(config_cwd, monkeypatch):
     config = yaml.safe_load((REPO / path).read_text())
     with pytest.raises(ValueError, match="quantization"):
         cli_main(["-c", path, *_cpu_overrides(config)], run=False)
+
+
+def test_merge_on_export_of_a_quantized_base_fails_at_construction():
+    """Refused when the module is built, naming the flag, not after the last training step."""
+    from rlt_pl.models import LoraConfig, ModelConfig
+    from rlt_pl.modules.grpo import GRPOModule
+
+    config = ModelConfig("Qwen/Qwen2.5-7B-Instruct", quantization="4bit", lora=LoraConfig())
+    with pytest.raises(ValueError, match="model.init_args.merge_lora_on_export"):
+        GRPOModule(config, merge_lora_on_export=True)
+
+
+def test_paper_chain_paths_line_up():
+    """Each 7B stage reads exactly what the previous one writes."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+
+    def load(p):
+        return yaml.safe_load((root / p).read_text())
+
+    sft, rl = load("teacher/sft_qwen7b.yaml"), load("teacher/rlt_qwen7b.yaml")
+    traces, distill = load("experiment/traces_qwen7b.yaml"), load("student/distill_qwen7b.yaml")
+    assert sft["model"]["init_args"]["export_dir"] == "runs/teacher_sft/export"
+    assert traces["model"]["init_args"]["model"]["name_or_path"] == rl["model"]["init_args"]["export_dir"]
+    writer = next(c for c in traces["trainer"]["callbacks"] if c["class_path"].endswith("TraceWriter"))
+    assert distill["data"]["init_args"]["data_path"] == writer["init_args"]["output_dir"]

@@ -174,3 +174,26 @@ def test_num_iterations_takes_mu_optimizer_steps_and_clips(compact_dirs):
     trainer.fit(module, AdditionDataModule(num_train=16, num_heldout=4, batch_size=2))
     assert len(rec.steps) == 2 and trainer.global_step == 4  # 2 generation batches x μ = 2 updates
     assert all(s["train/clip_fraction"] > 0 for s in rec.steps), [s["train/clip_fraction"] for s in rec.steps]
+
+
+def test_over_long_prompts_are_counted_and_skipped(compact_dirs):
+    """A prompt over sampling.max_prompt_tokens is skipped and counted; the rest of the batch still trains."""
+    L.seed_everything(0)
+    module = GRPOModule(
+        ModelConfig(str(compact_dirs["teacher"]), dtype="float32"),
+        reward=DigitsReward(),
+        format=CompactFormat(),
+        num_generations=2,
+        micro_batch_size=8,
+        lr=1e-3,
+        loss=PolicyLossConfig(beta=0.0),
+        reference="none",
+        sampling=SamplingConfig(max_new_tokens=4, temperature=1.0, max_prompt_tokens=12),
+        sample_table_every_n_steps=0,
+    )
+    module.setup("fit")
+    module.configure_model()
+    rows = [{"question": "1+2", "answer": "3"}, {"question": "1+2" * 20, "answer": "3"}]
+    buf = module.rollout(rows, 2)
+    assert module.skipped_long_prompts == 1 and buf["rows"] == [rows[0], rows[0]]
+    assert module.rollout(rows[1:], 2) is None and module.skipped_long_prompts == 2

@@ -68,6 +68,13 @@ def generate_traces(module, rows: list[dict], batch_idx: int, n: int = 1) -> lis
     fmt = module.format
     prompts = [fmt.teacher_prompt(r["question"], r["solution"], module.tokenizer) for r in rows]
     sampling = replace(module.sampling, stop_strings=tuple(fmt.teacher_stop_strings()))
+    before = module.skipped_long_prompts
+    keep, prompts = module.prompts_within_limit(prompts, sampling)  # over-long prompts: counted, skipped
+    if writer is not None:
+        writer.counts["skipped_long_prompts"] += module.skipped_long_prompts - before
+    rows = [rows[i] for i in keep]
+    if not rows:
+        return []
     gen = module.generate(prompts, n, sampling)
     best = list(range(0, len(rows) * n, n))
     rewards = [None] * len(rows)
@@ -143,6 +150,7 @@ class TraceWriter(BasePredictionWriter):
             "dropped": 0,
             "skipped_shards": 0,
             "skipped_rows": 0,
+            "skipped_long_prompts": 0,
         }
 
     def shard_path(self, batch_idx: int) -> Path:

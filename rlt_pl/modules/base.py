@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rlt_pl.distributed import full_state_dict, shard_model
 from rlt_pl.formats import RLTFormat, StratosFormat
@@ -86,6 +86,12 @@ class CausalLMModule(LightningModule):
             raise ValueError(f"model.init_args.lr must be > 0, got {lr}")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"model.init_args.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if merge_lora_on_export and model.quantization is not None:
+            raise ValueError(
+                "model.init_args.merge_lora_on_export=true cannot merge into a "
+                f"model.quantization={model.quantization!r} base (the merged weights would be re-quantized); "
+                "export the adapter (merge_lora_on_export: false)"
+            )
         model.validate()
         self.model_config = model
         self.format = format or StratosFormat()
@@ -98,6 +104,7 @@ class CausalLMModule(LightningModule):
         self.merge_lora_on_export = merge_lora_on_export
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
+        self.skipped_long_prompts = 0  # prompts over sampling.max_prompt_tokens, skipped (never a crash mid-run)
 
     # ---------------------------------------------------------------- lifecycle
     def setup(self, stage: str) -> None:
@@ -165,6 +172,40 @@ class CausalLMModule(LightningModule):
         self.trainer.strategy.barrier("export")
 
     # ---------------------------------------------------------------- helpers
+    def prompts_within_limit(
+        self, prompts: Sequence[str], sampling: SamplingConfig | None = None
+    ) -> tuple[list[int], list[str]]:
+        """Over-long prompts (beyond `sampling.max_prompt_tokens`) are counted in `skipped_long_prompts` instead of
+        stopping the run: one long dataset row must not end a training job.
+
+        With one process they are skipped. With several, every rank must keep the same number of rows (the same
+        generate and forward calls), so they are cut to their last `max_prompt_tokens - 8` tokens instead.
+
+        Returns:
+            indices of the rows kept and their prompts.
+        """
+        limit = (sampling or self.sampling).max_prompt_tokens
+        if limit is None or not prompts:
+            return list(range(len(prompts))), list(prompts)
+        encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+        if not long:
+            return list(range(len(prompts))), list(prompts)
+        self.skipped_long_prompts += len(long)
+        several_ranks = self._trainer is not None and self.trainer.world_size > 1
+        action = "cut to their tail" if several_ranks else "skipped"
+        rank_zero_warn(
+            f"{len(long)} prompt(s) over sampling.max_prompt_tokens={limit} {action} "
+            f"({self.skipped_long_prompts} so far)"
+        )
+        if several_ranks:
+            out = list(prompts)
+            for i in long:  # a margin of 8 tokens: re-encoding the decoded tail may merge differently
+                out[i] = self.tokenizer.decode(encoded[i][-(limit - 8) :], skip_special_tokens=False)
+            return list(range(len(prompts))), out
+        keep = [i for i in range(len(prompts)) if i not in set(long)]
+        return keep, [prompts[i] for i in keep]
+
     def generate(self, prompts: Sequence[str], n: int = 1, sampling: SamplingConfig | None = None):
         return self.engine.generate(self.model, self.tokenizer, prompts, n, sampling or self.sampling)
 

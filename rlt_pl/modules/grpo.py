@@ -241,11 +241,16 @@ class GRPOModule(CausalLMModule):
 
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()
-    def rollout(self, rows: Sequence[dict], n: int, sampling=None) -> dict:
-        """Generate n completions per row, score them, compute advantages. Returns the generation buffer."""
+    def rollout(self, rows: Sequence[dict], n: int, sampling=None) -> dict | None:
+        """Generate n completions per row, score them, compute advantages. Returns the generation buffer (None when
+        every prompt was over `sampling.max_prompt_tokens`)."""
         sampling = replace(sampling or self.sampling, stop_strings=self.stop_strings())
         t0 = time.perf_counter()
         prompts = [self.build_prompt(r) for r in rows]
+        keep, prompts = self.prompts_within_limit(prompts, sampling)  # over-long prompts are counted and skipped
+        rows = [rows[i] for i in keep]
+        if not prompts:
+            return None
         gen = self.generate(prompts, n, sampling)
         t1 = time.perf_counter()
         ids, attn = sequences(gen, self.device)
@@ -270,6 +275,9 @@ class GRPOModule(CausalLMModule):
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         t_start = time.perf_counter()
         buf = self.rollout(batch, self.num_generations)
+        self.log("train/count/skipped_long_prompts", float(self.skipped_long_prompts))
+        if buf is None:
+            return
         result: RewardResult = buf["result"]
         rewards = result.rewards.float()
         finite = torch.isfinite(rewards)
@@ -439,6 +447,8 @@ class GRPOModule(CausalLMModule):
     # ---------------------------------------------------------------- validation
     def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
         buf = self.rollout(batch, self.val_num_generations)
+        if buf is None:
+            return
         result = buf["result"]
         # Padding rows (equal batch counts on every rank) are left out; Lightning's synced mean is weighted by
         # batch_size, so the epoch value is the mean over the real rows of all ranks.

@@ -144,6 +144,11 @@ class SFTModule(CausalLMModule):
         from dataclasses import replace
 
         sampling = replace(self.eval_sampling, stop_strings=tuple(self.format.student_stop_strings()))
+        keep, prompts = self.prompts_within_limit(prompts, sampling)  # over-long questions: counted, skipped
+        self.log(f"{stage}/count/skipped_long_prompts", float(self.skipped_long_prompts), add_dataloader_idx=False)
+        batch = [batch[i] for i in keep]
+        if not batch:
+            return
         gen = self.generate(prompts, self.eval_num_samples, sampling)
         n = self.eval_num_samples
         responses = [gen.texts[i * n : (i + 1) * n] for i in range(len(batch))]
