@@ -465,23 +465,24 @@ class GRPOModule(CausalLMModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the training stream, even if saved mid-validation; with several ranks each rank's own (each samples its own)
+        per_rank = all_gather_objects(self._rng_before_val or collect_rng_states())
         checkpoint["rlt_pl"] = {
             "nonfinite_steps": self.nonfinite_steps,
             "frozen_models": self.frozen_model_sources(),
-            # the training stream, even if saved mid-validation; one entry per rank (each rank samples its own)
-            "rng": all_gather_objects(self._rng_before_val or collect_rng_states()),
+            "rng": per_rank[0],
         }
+        if len(per_rank) > 1:
+            checkpoint["rlt_pl"]["rng_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("rlt_pl", {})
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         # Applied right before the next training batch, not here: Lightning draws from the global RNG between
         # restoring and training (sanity check, dataloader iterators), which an uninterrupted run did earlier.
-        rng = state.get("rng")
-        if isinstance(rng, list):  # per rank; a checkpoint from another world size restores rank 0's stream
-            rank, n = world()
-            rng = rng[rank] if len(rng) == n else rng[0]
-        self._pending_rng = rng
+        rank, n = world()
+        per_rank = state.get("rng_per_rank")
+        self._pending_rng = per_rank[rank] if per_rank is not None and len(per_rank) == n else state.get("rng")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._pending_rng is not None:
