@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import peft
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -26,6 +26,10 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+if TYPE_CHECKING:
+    import peft
+
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Bytes per parameter used by `model_memory_table`.
 _NF4_BYTES = 0.5 + 0.127 / 8  # 4 bits + double-quantized constants (QLoRA paper, Dettmers et al. 2023, §2: 0.127 bit)
 _LORA_FRACTION_QWEN25_7B = 0.0053  # r=16 all-linear on Qwen2.5-7B: 28 layers x 1,441,792 = 40.4M of 7.6B params
+
+
+def _peft():
+    """peft, imported on first use: it imports bitsandbytes, whose CPU backend logs a "Failed to load CPU
+    gemm_4bit_forward" warning at import time; runs without LoRA or quantization never import either."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import peft
+
+    return peft
 
 
 @dataclass
@@ -69,7 +82,7 @@ class LoraConfig:
         """The equivalent `peft.LoraConfig` (task CAUSAL_LM, no bias training)."""
         self.validate()
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
-        return peft.LoraConfig(
+        return _peft().LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
@@ -171,7 +184,8 @@ def resolve_name_or_path(name_or_path: str) -> str:
     looks_like_path = name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or name_or_path.count("/") > 1
     if looks_like_path:
         raise ValueError(
-            f"model.name_or_path={name_or_path!r} looks like a local path but {path.resolve()} does not exist"
+            f"model.name_or_path={name_or_path!r} looks like a local path but {path.resolve()} does not exist; "
+            "point it at an exported checkpoint directory (the export_dir of an earlier stage) or a Hub id"
         )
     if not _HUB_ID.match(name_or_path):
         raise ValueError(
@@ -266,7 +280,7 @@ def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedMod
         model.requires_grad_(False)
     else:
         if quant is not None:
-            model = peft.prepare_model_for_kbit_training(
+            model = _peft().prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=config.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -276,7 +290,7 @@ def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedMod
         if config.lora is not None:
             if config.gradient_checkpointing:
                 model.enable_input_require_grads()  # frozen embeddings: keep a grad path into checkpointed layers
-            model = peft.get_peft_model(model, config.lora.to_peft())
+            model = _peft().get_peft_model(model, config.lora.to_peft())
         model.train()
     if config.compile:
         model.compile()  # in place: the module keeps its type, so peft / save_pretrained still work
@@ -289,7 +303,7 @@ def is_lora(model: torch.nn.Module) -> bool:
     Args:
         model: any module.
     """
-    return isinstance(model, peft.PeftModel)
+    return "peft" in sys.modules and isinstance(model, _peft().PeftModel)  # no peft imported: no peft model
 
 
 @contextmanager
