@@ -184,3 +184,25 @@ def test_chromium_screenshots_the_page(compact_dirs, tmp_path):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert re.search(rb"IDAT", data)
+
+
+def test_score_per_token_feeds_the_inspector(tiny_dirs, tmp_path):
+    """`python -m rlt_pl.score --per-token` rows carry the per-token terms; `rlt_pl.inspect` renders them."""
+    import json
+
+    from rlt_pl import score
+
+    src, dst = tmp_path / "in.jsonl", tmp_path / "scored.jsonl"
+    row = {"question": "what is 2 + 3?", "solution": "\n\n5\n\n", "completion": "add 2 and 3\n\n<|end_of_explanation|>"}
+    src.write_text(json.dumps(row) + "\n")
+    argv = ["--teacher", str(tiny_dirs["teacher"]), "--student", str(tiny_dirs["student"]), "--input", str(src)]
+    assert score.main([*argv, "--output", str(dst), "--per-token"]) == 0
+    (rec,) = read_records(dst)
+    d = torch.tensor([t - s for _, t, s in rec["explanation_tokens"]])
+    assert rec["rkl"] == pytest.approx(float(3 * d.mean() + 0.03 * d.max()), abs=1e-4)
+    assert "add 2 and 3" in "".join(t for t, _, _ in rec["explanation_tokens"])
+    out = tmp_path / "page.html"
+    assert main([str(dst), "--out", str(out)]) == 0
+    parser = Spans()
+    parser.feed(out.read_text())
+    assert len([s for s in parser.spans if s["title"]]) == len(rec["explanation_tokens"]) + len(rec["solution_tokens"])
