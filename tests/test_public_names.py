@@ -75,3 +75,14 @@ data:
     assert isinstance(cli.model, TeacherRLModule)
     assert type(cli.datamodule).__name__ == "AdditionDataModule"
     assert any(type(c).__name__ == "StudentRewardCallback" for c in cli.trainer.callbacks)
+
+
+def test_formats_reads_its_prompts_without_the_tiny_builder():
+    """One-way: `rlt_pl.formats` reads its package-data prompts itself; `rlt_pl.tiny` depends on it, not back."""
+    code = (
+        "import sys\nfrom rlt_pl.formats import StratosFormat, read_prompt\n"
+        "assert 'rlt_pl.tiny' not in sys.modules, 'formats imported tiny'\n"
+        "assert read_prompt('teacher_stratos').startswith('Your role as an assistant')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
