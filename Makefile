@@ -31,7 +31,7 @@ test-all: setup
 	$(PY) -m pytest
 
 demo: setup
-	$(PY) -m rlt_pl.demo --out runs/demo
+	$(PY) -m rlt_pl.demo --out runs/demo --seeds 0 1 2
 
 bench: setup
 	$(PIP) install -q -e ".[dev,bench]"

@@ -14,9 +14,13 @@ in the rendered string and a template that rewrites it is refused (P15).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import NamedTuple
 
-from rlt_pl.tiny import read_prompt
+
+def read_prompt(name: str) -> str:
+    """Read a shipped system prompt (package data `rlt_pl/prompts/{name}.txt`) byte for byte."""
+    return resources.files("rlt_pl").joinpath(f"prompts/{name}.txt").read_bytes().decode("utf-8")
 
 
 class Rendered(NamedTuple):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import peft
 import torch
 from packaging.version import Version
 from transformers import (
@@ -28,6 +28,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+if TYPE_CHECKING:
+    import peft
+
+
 log = logging.getLogger(__name__)
 
 FIM_PAD_TOKEN = "<|fim_pad|>"
@@ -35,6 +39,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # A Hugging Face Hub id: "name" or "org/name" (letters, digits, "-", "_", ".").
 _BNB_CPU_MIN = "0.48"  # first bitsandbytes with CPU kernels for NF4 / int8 layers
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _peft():
+    """peft, imported on first use: it imports bitsandbytes, whose CPU backend logs a "Failed to load CPU
+    gemm_4bit_forward" warning at import time; runs without LoRA or quantization never import either."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import peft
+
+    return peft
 
 
 @dataclass
@@ -68,7 +81,7 @@ class LoraConfig:
         """The equivalent `peft.LoraConfig` (task CAUSAL_LM, no bias training)."""
         self.validate()
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
-        return peft.LoraConfig(
+        return _peft().LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
@@ -179,7 +192,8 @@ def resolve_name_or_path(name_or_path: str) -> str:
     looks_like_path = name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or name_or_path.count("/") > 1
     if looks_like_path:
         raise ValueError(
-            f"model.name_or_path={name_or_path!r} looks like a local path but {path.resolve()} does not exist"
+            f"model.name_or_path={name_or_path!r} looks like a local path but {path.resolve()} does not exist; "
+            "point it at an exported checkpoint directory (the export_dir of an earlier stage) or a Hub id"
         )
     if not _HUB_ID.match(name_or_path):
         raise ValueError(
@@ -296,7 +310,7 @@ def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedMod
         if config.lora is not None:
             if config.gradient_checkpointing:
                 model.enable_input_require_grads()  # frozen embeddings: keep a grad path into checkpointed layers
-            model = peft.get_peft_model(model, config.lora.to_peft())
+            model = _peft().get_peft_model(model, config.lora.to_peft())
         model.train()
     if config.compile:
         model.compile()  # in place: the module keeps its type, so peft / save_pretrained still work
@@ -309,7 +323,7 @@ def is_lora(model: torch.nn.Module) -> bool:
     Args:
         model: any module.
     """
-    return isinstance(model, peft.PeftModel)
+    return "peft" in sys.modules and isinstance(model, _peft().PeftModel)  # no peft imported: no peft model
 
 
 @contextmanager
@@ -414,7 +428,7 @@ def _unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor])
     with torch.device("meta"):
         copy_ = AutoModelForCausalLM.from_config(base.config, dtype=next(iter(state_dict.values())).dtype)
     if is_lora(model):
-        copy_ = peft.get_peft_model(copy_, model.peft_config[model.active_adapter])
+        copy_ = _peft().get_peft_model(copy_, model.peft_config[model.active_adapter])
     copy_.load_state_dict(state_dict, strict=True, assign=True)
     copy_.tie_weights()
     if hasattr(base, "generation_config"):

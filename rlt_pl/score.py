@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, help="teacher log-prob temperature")
     p.add_argument("--student-temperature", type=float, default=0.7)
     p.add_argument("--token-budget", type=int, default=65536, help="max tokens per forward chunk")
+    p.add_argument("--per-token", action="store_true", help="add per-token log-probs (input of rlt_pl.inspect)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -258,7 +259,9 @@ def _to_python(x: torch.Tensor) -> float | int | bool:
     return x.item()
 
 
-def score_rows(scorer, teacher, fmt: RLTFormat, rows: list[dict], batch_size: int) -> tuple[list[dict], dict]:
+def score_rows(
+    scorer, teacher, fmt: RLTFormat, rows: list[dict], batch_size: int, per_token: bool = False
+) -> tuple[list[dict], dict]:
     """Score rows in batches; return output rows and summed counters.
 
     Args:
@@ -267,6 +270,7 @@ def score_rows(scorer, teacher, fmt: RLTFormat, rows: list[dict], batch_size: in
         fmt: the format.
         rows: parsed rows (with `_completion`).
         batch_size: rows per scorer call.
+        per_token: add `explanation_tokens` / `solution_tokens` (the inspector's input, `rlt_pl.inspect`).
     """
     out, counts = [], {}
     for i in tqdm(range(0, len(rows), batch_size), desc="scoring", unit="batch", file=sys.stderr):
@@ -279,6 +283,10 @@ def score_rows(scorer, teacher, fmt: RLTFormat, rows: list[dict], batch_size: in
         for key, value in res.counts.items():
             counts[key] = counts.get(key, 0) + value
         o = res.output
+        if per_token:
+            from rlt_pl.inspect import sample_records
+
+            tokens = sample_records(res, scorer.tokenizer, qs)
         for j, row in enumerate(chunk):
             record = dict(row["_raw"])
             record.update(
@@ -290,6 +298,8 @@ def score_rows(scorer, teacher, fmt: RLTFormat, rows: list[dict], batch_size: in
             )
             record["penalised"] = penalty_reason(record)
             record["_key"] = (row["question"], row["solution"])
+            if per_token:
+                record.update({k: tokens[j][k] for k in ("match", "explanation_tokens", "solution_tokens")})
             out.append(record)
     return out, counts
 
@@ -376,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     max_length = args.max_length or getattr(student.config, "max_position_embeddings", None)
     scorer = RLTScorer(student, tokenizer, fmt, config, max_length=max_length, token_budget=args.token_budget)
-    scored, counts = score_rows(scorer, teacher, fmt, rows, args.batch_size)
+    scored, counts = score_rows(scorer, teacher, fmt, rows, args.batch_size, args.per_token)
     apply_group_penalties(scored, config.penalty_margin)
     write_atomic(out_path, scored)
 

@@ -47,13 +47,27 @@ class PackedTokens:
 
 
 @dataclass
+class TokenScores:
+    """The per-token terms behind a reward (for inspection): the student's solution tokens with their log-probs, and
+    the explanation's token ids with teacher and student log-probs over `explanation_mask` (rKL term: teacher −
+    student). Tensors are [B, K], left-aligned; `explanation_ids` are the student-side tokens."""
+
+    solution: PackedTokens
+    explanation_ids: Tensor
+    teacher_logprobs: Tensor
+    student_logprobs: Tensor
+    explanation_mask: Tensor
+
+
+@dataclass
 class ScoreResult:
-    """Reward output plus per-batch counters and the parsed explanations."""
+    """Reward output plus per-batch counters, the parsed explanations and the per-token terms."""
 
     output: RewardOutput
     explanations: list[str]
     matched: Tensor  # [B] bool
     counts: dict[str, int] = field(default_factory=dict)
+    tokens: TokenScores | None = None
 
 
 @torch.no_grad()
@@ -348,4 +362,4 @@ class RLTScorer:
             out.reward = penalise_below_group(
                 out.reward, penalised, ids, self.config.penalty_margin, self.config.penalty_floor
             )
-        return ScoreResult(out, explanations, matched, counts)
+        return ScoreResult(out, explanations, matched, counts, TokenScores(sol, expl.ids, t_lp, s_lp, expl_mask))

@@ -21,6 +21,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from rlt_pl.formats import read_prompt  # formats owns its prompt files; tiny depends on formats, not back
+
 # Qwen2's pre-tokenizer pattern (the regex its tokenizer.json uses); reproduced for tokenization compatibility.
 QWEN2_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -33,11 +35,6 @@ PAD_TOKEN = "<|endoftext|>"
 def qwen25_chat_template() -> str:
     """Qwen2.5-Instruct's chat template (tools branch removed), shipped as package data."""
     return resources.files("rlt_pl").joinpath("templates/qwen2_5.jinja").read_text()
-
-
-def read_prompt(name: str) -> str:
-    """Read a shipped system prompt (`rlt_pl/prompts/{name}.txt`) byte for byte."""
-    return resources.files("rlt_pl").joinpath(f"prompts/{name}.txt").read_bytes().decode("utf-8")
 
 
 def default_corpus(seed: int = 0, n: int = 2000) -> list[str]:

@@ -121,3 +121,19 @@ def test_fit_tiny_config_end_to_end(tiny_cwd, monkeypatch):
     assert model.num_generations == cli.model.num_generations and model.sampling == cli.model.sampling
     assert model.model_config == cli.model.model_config and model.format == cli.model.format
     assert again.datamodule.batch_size == cli.datamodule.batch_size
+
+
+def test_construction_error_is_one_line_naming_the_flag(tiny_cwd):
+    """A missing student checkpoint ends the command with one line naming `student.name_or_path` (exit 1, no
+    traceback, no library noise); `RLT_PL_DEBUG=1` brings the traceback back."""
+    args = ("fit", "-c", TINY_CONFIG, "--trainer.callbacks.init_args.student.name_or_path=./runs/missing/student")
+    out = _run_module(*args, cwd=tiny_cwd)
+    assert out.returncode == 1, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("rlt_pl: error: student.name_or_path='./runs/missing/student' looks like a local path")
+    assert "export_dir" in last and "--debug" in last
+    text = out.stdout + out.stderr
+    assert "Traceback" not in text and "gemm_4bit_forward" not in text and "Tip:" not in text
+    debug = _run_module(*args, "--debug", cwd=tiny_cwd)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert "student.name_or_path='./runs/missing/student' looks like a local path" in debug.stderr

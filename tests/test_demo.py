@@ -41,3 +41,27 @@ def test_demo_pipeline_small(demo_cwd):
     first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
     assert last > first, f"RL did not raise the mean reward: {first:.3f} -> {last:.3f}"
     assert any(os.scandir(out / "tb"))
+    for label in ("t0.7", "greedy"):  # the two evaluations of a student are separate runs
+        assert (out / "tb" / f"eval_rl_seed0_{label}").is_dir(), label
+    assert "Claim (RL-teacher students beat" in (out / "REPORT.md").read_text()
+
+
+def _summary(rl: list[float], sft: list[float]) -> dict:
+    students = {}
+    for k, (a, b) in enumerate(zip(rl, sft)):
+        students[f"rl_seed{k}"] = {"t0.7": a, "greedy": 100.0}
+        students[f"sft_seed{k}"] = {"t0.7": b, "greedy": 90.0}
+    return {"seeds": list(range(len(rl))), "students": students}
+
+
+def test_claim_verdict_mean_and_every_seed():
+    from rlt_pl.demo import claim_verdict, seed_stats
+
+    held, line = claim_verdict(_summary([97.5, 98.0, 98.5], [64.5, 81.5, 66.5]))
+    assert held and "held — gap 27.2 points" in line and "16.5 to 33.0 per seed" in line
+    held, line = claim_verdict(_summary([97.5, 88.0, 98.5], [64.5, 81.5, 66.5]))  # mean gap 23.8, one seed 6.5
+    assert not held and "not held" in line
+    held, _ = claim_verdict(_summary([70.0], [61.0]))
+    assert not held
+    mean, lo, hi = seed_stats(_summary([97.5, 98.0, 98.5], [0, 0, 0])["students"], "rl", [0, 1, 2], "t0.7")
+    assert (mean, lo, hi) == (98.0, 97.5, 98.5)

@@ -8,6 +8,7 @@ well the student reads the traces it trains on.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -39,7 +40,10 @@ class StudentRewardCallback(Callback):
         token_budget: int = 65536,
         allow_tokenizer_mismatch: bool = False,
     ) -> None:
-        student.validate()
+        try:
+            student.validate()
+        except ValueError as exc:  # ModelConfig names its fields `model.*`; here the flag is `student.*`
+            raise ValueError(re.sub(r"^model\.", "student.", str(exc))) from None
         self.student_config = student
         self.reward_config = reward or RewardConfig()
         self.max_length = max_length

@@ -12,14 +12,18 @@ path everywhere (the authors' way, for parity checks).
 
 from __future__ import annotations
 
+import json
 import unicodedata
+from pathlib import Path
 
 import torch
 
 from rlt_pl.callbacks.student_reward import StudentRewardCallback, find_student_reward
 from rlt_pl.models import ModelConfig
 from rlt_pl.modules.grpo import PROMPT_TAIL_TOKENS, GRPOModule, Reward, RewardResult
-from rlt_pl.scoring import teacher_logprobs_from_policy
+from rlt_pl.scoring import ScoreResult, teacher_logprobs_from_policy
+
+INSPECT_GROUPS, INSPECT_SAMPLES = 2, 8  # groups, and samples per group, on each inspector page
 
 
 def group_ids(rows) -> torch.Tensor:
@@ -66,6 +70,7 @@ class RLTReward(Reward):
         result, metrics = cb.score(
             module, questions, solutions, texts, teacher_tokens, module.model, gen.prompts, groups=groups
         )
+        module.last_score = (result, questions)  # per-token terms for the inspector page
         metrics["explanation_chars"] = torch.tensor([float(len(e)) for e in result.explanations])
         return RewardResult(
             result.output.reward.float(),
@@ -100,6 +105,7 @@ class TeacherRLModule(GRPOModule):
         super().__init__(model=model, reward=RLTReward(), **kwargs)
         self.recompute_teacher_logprobs = recompute_teacher_logprobs
         self.student_reward: StudentRewardCallback | None = None
+        self.last_score: tuple[ScoreResult, list[str]] | None = None
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -115,6 +121,32 @@ class TeacherRLModule(GRPOModule):
         cb = self.student_reward
         same = cb is not None and cb.student is not None and cb.student_config == self.model_config
         return cb.student if same and not self.reference_is_trained() else None
+
+    def _log_step(self, buf, rewards, adv, *args, **kwargs) -> None:
+        super()._log_step(buf, rewards, adv, *args, **kwargs)
+        every = self.sample_table_every_n_steps
+        if every and self.global_step % every == 0 and self.last_score is not None:
+            self.write_inspector_page(adv)
+
+    def write_inspector_page(self, advantages: torch.Tensor) -> Path | None:
+        """`<log_dir>/inspect/step_NNNNNN.{jsonl,html}`: the last batch's first groups, per-token terms and advantages
+        (`python -m rlt_pl.inspect` re-renders the JSONL). Rank zero, loggers with a `log_dir` only."""
+        from rlt_pl.inspect import sample_records, write_page
+
+        log_dir = getattr(self.logger, "log_dir", None) if self.logger is not None else None
+        if log_dir is None or not self.trainer.is_global_zero:
+            return None
+        result, questions = self.last_score
+        g = self.num_generations
+        rows = [i for grp in range(INSPECT_GROUPS) for i in range(grp * g, grp * g + min(g, INSPECT_SAMPLES))]
+        rows = [i for i in rows if i < len(questions)]
+        groups = [i // g for i in range(len(questions))]
+        records = sample_records(result, self.tokenizer, questions, rows, advantages.tolist(), groups)
+        base = Path(log_dir) / "inspect" / f"step_{self.global_step:06d}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        title = f"RLT explanation inspector — step {self.global_step}"
+        return write_page(records, base.with_suffix(".html"), title=title)
 
     def build_prompt(self, row: dict) -> str:
         return self.format.teacher_prompt(row["question"], row["solution"], self.tokenizer)
