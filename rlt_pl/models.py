@@ -154,11 +154,17 @@ class ModelConfig:
         return None
 
 
+# First path components that are this project's output folders: "runs/x" is never a Hub id.
+LOCAL_ROOTS = ("runs", "logs", "lightning_logs")
+
+
 def resolve_name_or_path(name_or_path: str) -> str:
     """Return an absolute local path if `name_or_path` is one, else the Hub id unchanged.
 
     Args:
-        name_or_path: a directory (absolute, relative, "~") or a Hub id "org/name".
+        name_or_path: a directory (absolute, relative, "~") or a Hub id "org/name". A string is a local path when
+            it starts with ".", "/" or "~", has more than one "/", its parent directory exists here, or it starts
+            with one of `LOCAL_ROOTS` ("runs/...").
 
     Raises:
         ValueError: a path-looking string that does not exist, or a string that is neither a path nor a Hub id.
@@ -168,7 +174,14 @@ def resolve_name_or_path(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return str(path.resolve())
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or name_or_path.count("/") > 1
+    looks_like_path = (
+        name_or_path.startswith((".", "/", "~"))
+        or "\\" in name_or_path
+        or name_or_path.count("/") > 1
+        or path.parent.is_dir()
+        and path.parent != Path(".")  # e.g. runs/teacherX with runs/ here
+        or path.parts[0] in LOCAL_ROOTS
+    )
     if looks_like_path:
         raise ValueError(
             f"model.name_or_path={name_or_path!r} looks like a local path but {path.resolve()} does not exist"

@@ -41,3 +41,7 @@ def test_demo_pipeline_small(demo_cwd):
     first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
     assert last > first, f"RL did not raise the mean reward: {first:.3f} -> {last:.3f}"
     assert any(os.scandir(out / "tb"))
+    # `make demo` writes only under its --out folder (the trace runs' config.yaml lands next to their shards)
+    assert sorted(p.name for p in demo_cwd.iterdir()) == ["configs", "runs"]
+    assert [p.name for p in (demo_cwd / "runs").iterdir()] == ["demo_small"]
+    assert (out / "traces" / "rl" / "config.yaml").exists()
