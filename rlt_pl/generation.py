@@ -3,7 +3,7 @@
 `HFGenerationEngine` wraps `model.generate`: batched, KV-cached, left-padded prompts, temperature / top-p / top-k,
 stop at EOS or at single-token stop strings (e.g. a compact format's end tag). Its output is what GRPO trains on:
 left-padded prompt ids, right-padded sampled ids, and a completion mask that runs up to and including the first
-stop token (spec §3.5). A vLLM engine can implement the same `generate` signature.
+stop token (SakanaAI/RLT). A vLLM engine can implement the same `generate` signature.
 """
 
 from __future__ import annotations

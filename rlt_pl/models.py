@@ -1,6 +1,6 @@
 """Loading causal LMs and tokenizers: dtype, attention, bitsandbytes quantization, LoRA, checkpointing, export.
 
-The paper fine-tunes all weights of Qwen2.5-7B-Instruct in bf16 (RLT.md §3.7, §3.9) and keeps the student frozen
+The paper fine-tunes all weights of Qwen2.5-7B-Instruct in bf16 (arXiv 2506.08388, §3.9) and keeps the student frozen
 (§2.10). LoRA / QLoRA are departures offered for small GPUs: with LoRA the reference policy is the base model with
 the adapter switched off (`reference_mode`), so no second copy of the weights is held. Teacher and student must share
 one tokenizer (P13, `check_tokenizers_compatible`).
@@ -200,9 +200,9 @@ def load_tokenizer(
     require_chat_template: bool = False,
     revision: str | None = None,
 ) -> PreTrainedTokenizerBase:
-    """Load a tokenizer with a pad token and the requested padding side (paper: left, RLT.md §3.8).
+    """Load a tokenizer with a pad token and the requested padding side (paper: left, arXiv 2506.08388).
 
-    If it has no pad token, `<|fim_pad|>` is used when in the vocabulary, else EOS (RLT.md §1.8).
+    If it has no pad token, `<|fim_pad|>` is used when in the vocabulary, else EOS (arXiv 2506.08388).
 
     Args:
         name_or_path: Hub id or local directory.
@@ -250,7 +250,7 @@ def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedMod
 
     Args:
         config: what to load and how.
-        trainable: False for frozen models (the student in the reward, RLT.md §2.10).
+        trainable: False for frozen models (the student in the reward, arXiv 2506.08388).
 
     Returns:
         The model, a `peft.PeftModel` when `config.lora` is set and `trainable`.

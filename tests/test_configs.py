@@ -99,7 +99,7 @@ def test_config_instantiates(path, config_cwd, monkeypatch):
 
 
 def test_paper_teacher_config_matches_the_spec(config_cwd, monkeypatch):
-    """configs/teacher/rlt_qwen7b.yaml holds the paper's RL settings (RLT.md §3.1–3.7)."""
+    """configs/teacher/rlt_qwen7b.yaml holds the paper's RL settings (arXiv 2506.08388)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from rlt_pl.callbacks import ReferenceSyncCallback, StudentRewardCallback

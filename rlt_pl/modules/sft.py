@@ -1,10 +1,10 @@
 """Supervised stages of the RLT pipeline: teacher SFT warm-up and student distillation, plus evaluation.
 
 Both render each row with the format (character span `completion` known by construction), tokenize once and train
-with a completion-only cross-entropy (token-mean over completion tokens, the HF default, spec §3.9):
-- `TeacherSFTModule`: question + solution → explanation (spec §1.5; loss after `<|begin_of_explanation|>` + padding).
+with a completion-only cross-entropy (token-mean over completion tokens, the HF default, SakanaAI/RLT):
+- `TeacherSFTModule`: question + solution → explanation (SakanaAI/RLT; loss after `<|begin_of_explanation|>` + padding).
   Its `predict` writes explanations for (question, solution) rows: the traces students are distilled on.
-- `StudentDistillModule`: question → thought (= a teacher explanation) → solution (spec §1.7–1.8; loss on the
+- `StudentDistillModule`: question → thought (= a teacher explanation) → solution (SakanaAI/RLT; loss on the
   whole assistant message). Its `validate`/`test` generate answers to benchmark questions and grade them.
 """
 
@@ -182,7 +182,7 @@ class StudentDistillModule(SFTModule):
 
 
 class TeacherSFTModule(SFTModule):
-    """Teacher warm-up (spec §3.9): learn to explain a given solution; `predict` writes traces (see TraceWriter)."""
+    """Teacher warm-up (SakanaAI/RLT): learn to explain a given solution; `predict` writes traces (see TraceWriter)."""
 
     def __init__(self, model: ModelConfig, predict_num_samples: int = 1, **kwargs) -> None:
         super().__init__(model=model, **kwargs)
