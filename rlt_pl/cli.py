@@ -2,7 +2,10 @@
 
 A thin `LightningCLI` in subclass mode: the model and the data are chosen by `class_path` in YAML, every
 `__init__` signature is the schema (`--print_config` shows it documented), TensorBoard is the default logger, and
-the resolved `config.yaml` is saved into the run's log directory so the run can be reproduced.
+the resolved `config.yaml` is saved into the run's own folder so the run can be reproduced: the logger's directory,
+or with the logger off the prediction writer's `output_dir` (else `trainer.default_root_dir` when set; nothing is
+written to the working directory). The progress bar counts optimizer steps against `trainer.max_steps`;
+`predict` needs a prediction writer (`TraceWriter`), and `--ckpt_path last` with no last checkpoint is an error.
 
 Errors raised while the config is parsed and its classes are built (a missing checkpoint path, a bad value) end the
 command with one line on stderr naming the flag, exit status 1; `--debug` or `RLT_PL_DEBUG=1` shows the traceback.
@@ -15,12 +18,16 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from jsonargparse import set_parsing_settings
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
+from rlt_pl.callbacks.progress import use_step_progress_bar
 from rlt_pl.formats import RLTFormat
 from rlt_pl.generation import GenerationEngine
 
@@ -37,6 +44,61 @@ TRAINER_DEFAULTS = {
 
 
 DEBUG_ENV = "RLT_PL_DEBUG"
+
+
+def run_dir(trainer: Trainer) -> str | None:
+    """The run's own folder: the logger's directory, else a prediction writer's `output_dir`, else an explicitly
+    set `trainer.default_root_dir`; None when the run has none (then nothing is written)."""
+    if trainer.loggers:
+        return trainer.log_dir
+    writers = [cb for cb in trainer.callbacks if isinstance(cb, BasePredictionWriter) and hasattr(cb, "output_dir")]
+    if writers:
+        return str(writers[0].output_dir)
+    if os.path.abspath(trainer.default_root_dir) != os.getcwd():
+        return trainer.default_root_dir
+    return None
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Saves the resolved `config.yaml` into `run_dir(trainer)`, never into the working directory."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        folder = trainer.strategy.broadcast(run_dir(trainer))
+        if folder is None:
+            rank_zero_info("config.yaml not saved: the run has no logger, prediction writer or default_root_dir")
+            return
+        if trainer.is_global_zero:
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, self.config_filename)
+            self.parser.save(self.config, path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
+def check_ckpt_path_last(trainer: Trainer, ckpt_path: str | None) -> None:
+    """`--ckpt_path last` must find a last checkpoint: Lightning would otherwise start from scratch with a warning.
+
+    Raises:
+        ValueError: no ModelCheckpoint with a fixed `dirpath`, or no `last*.ckpt` in any of them.
+    """
+    if ckpt_path != "last":
+        return
+    callbacks = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    dirs = [cb.dirpath for cb in callbacks if cb.dirpath is not None]
+    if not dirs:
+        raise ValueError(
+            "--ckpt_path last: no ModelCheckpoint callback with a `dirpath` (checkpoints under a new logger version "
+            "are never found again); add one in trainer.callbacks or pass --ckpt_path PATH"
+        )
+    pattern = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}*{ModelCheckpoint.FILE_EXTENSION}"
+    if not any(p for d in dirs if os.path.isdir(d) for p in Path(d).glob(pattern)):
+        raise ValueError(
+            f"--ckpt_path last: no last checkpoint in {', '.join(map(str, dirs))}; run without --ckpt_path to start "
+            "from scratch, or pass --ckpt_path PATH"
+        )
 
 
 class RLTCLI(LightningCLI):
@@ -57,6 +119,7 @@ class RLTCLI(LightningCLI):
         from rlt_pl.callbacks.shutdown import GracefulShutdown, find_graceful_shutdown
 
         trainer = super().instantiate_trainer(**kwargs)
+        use_step_progress_bar(trainer)
         if find_graceful_shutdown(trainer.callbacks) is None:
             trainer.callbacks.append(GracefulShutdown())
         return trainer
@@ -67,6 +130,33 @@ class RLTCLI(LightningCLI):
         except Exception as exc:
             exc.rlt_pl_construction = True  # type: ignore[attr-defined]
             raise
+
+    def _subcommand_checks(self, subcommand: str) -> None:
+        try:
+            check_ckpt_path_last(self.trainer, self.config[subcommand].get("ckpt_path"))
+            if subcommand == "predict" and not any(
+                isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks
+            ):
+                raise ValueError(
+                    "predict: no prediction writer in trainer.callbacks, the predictions would be discarded; add "
+                    "`--trainer.callbacks+=rlt_pl.callbacks.trace_writer.TraceWriter "
+                    "--trainer.callbacks.output_dir=DIR`"
+                )
+        except ValueError as exc:
+            exc.rlt_pl_construction = True  # type: ignore[attr-defined]  # a config error: one line
+            raise
+
+    def before_fit(self) -> None:
+        self._subcommand_checks("fit")
+
+    def before_validate(self) -> None:
+        self._subcommand_checks("validate")
+
+    def before_test(self) -> None:
+        self._subcommand_checks("test")
+
+    def before_predict(self) -> None:
+        self._subcommand_checks("predict")
 
 
 def _drop_tips(record: logging.LogRecord) -> bool:
@@ -97,6 +187,7 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> RLTCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
         args=list(args) if args is not None else None,
         run=run,

@@ -1,5 +1,5 @@
 """Benchmark evaluator: grades k sampled responses per question with a task, aggregates pass@k, breakdowns and
-response statistics, and writes per-question records atomically. Protocol: RLT.md §4.3 (SkyThought reports accuracy
+response statistics, and writes per-question records atomically. Protocol: arXiv 2506.08388 (SkyThought reports accuracy
 averaged over samples, i.e. our pass@1 when n > 1).
 """
 

@@ -1,7 +1,7 @@
 """Teacher and student text formats of RLT, with character spans known by construction.
 
-A format is data: a dataclass holding the system prompts, tags and delimiters (spec §1.1–1.3), chosen in YAML by
-`class_path`. `StratosFormat` reproduces the authors' strings byte for byte (spec §1.5–1.8: the released RLT
+A format is data: a dataclass holding the system prompts, tags and delimiters (SakanaAI/RLT), chosen in YAML by
+`class_path`. `StratosFormat` reproduces the authors' strings byte for byte (SakanaAI/RLT: the released RLT
 checkpoints and Bespoke-Stratos students were trained on them); `CompactFormat` is a tag-per-token format for tiny
 models (no chat template, no system prompt).
 
@@ -31,7 +31,7 @@ class Rendered(NamedTuple):
 
 
 class ParsedCompletion(NamedTuple):
-    """A teacher completion split at its explanation end tag (spec §2.2)."""
+    """A teacher completion split at its explanation end tag (SakanaAI/RLT)."""
 
     explanation: str  # padding + completion text up to the first end tag (the whole text when unmatched)
     matched: bool  # the completion closed its explanation tag
@@ -87,27 +87,27 @@ class RLTFormat:
     # ---------------------------------------------------------------- teacher side
     @property
     def completion_divider(self) -> str:
-        """End-solution tag + delimiter + begin-explanation tag + padding (spec §1.6)."""
+        """End-solution tag + delimiter + begin-explanation tag + padding (SakanaAI/RLT)."""
         return (
             self.solution_end + self.solution_explanation_delimiter + self.explanation_start + self.explanation_padding
         )
 
     @property
     def masked_out_think_prefix(self) -> str:
-        """The explanation start tag and padding, which live in the RL prompt (spec §2.2)."""
+        """The explanation start tag and padding, which live in the RL prompt (SakanaAI/RLT)."""
         return self.explanation_start + self.explanation_padding
 
     def _teacher_assistant_prefix(self, solution: str) -> str:
         return self.solution_start + solution + self.completion_divider
 
     def pad_explanation(self, explanation: str) -> str:
-        """Ensure a reference explanation starts with the padding (custom data, spec §1.9)."""
+        """Ensure a reference explanation starts with the padding (custom data, SakanaAI/RLT)."""
         return (
             explanation if explanation.startswith(self.explanation_padding) else self.explanation_padding + explanation
         )
 
     def teacher_sft(self, question: str, solution: str, explanation: str, tokenizer=None) -> Rendered:
-        """Teacher warm-up text (spec §1.5). Spans: `prompt` (the RL prompt) and `completion` (trained tokens).
+        """Teacher warm-up text (SakanaAI/RLT). Spans: `prompt` (the RL prompt) and `completion` (trained tokens).
 
         `explanation` is the reference explanation θ including its leading padding (added when missing).
         """
@@ -120,13 +120,13 @@ class RLTFormat:
         return Rendered(text, {"prompt": (0, split), "completion": (split, len(text))})
 
     def teacher_prompt(self, question: str, solution: str, tokenizer=None) -> str:
-        """The RL prompt: rendered chat up to and including the explanation start tag and padding (spec §1.6)."""
+        """The RL prompt: rendered chat up to and including the explanation start tag and padding (SakanaAI/RLT)."""
         prefix = self._teacher_assistant_prefix(solution)
         text, start = self._render(tokenizer, self.teacher_system_prompt, question, prefix, teacher=True)
         return text[: start + len(prefix)]
 
     def parse_completion(self, completion: str) -> ParsedCompletion:
-        """Explanation of a teacher completion generated after the RL prompt (spec §2.2)."""
+        """Explanation of a teacher completion generated after the RL prompt (SakanaAI/RLT)."""
         end = completion.find(self.explanation_end)
         if end < 0:
             return ParsedCompletion(self.explanation_padding + completion, False, len(completion))
@@ -143,7 +143,7 @@ class RLTFormat:
 
     # ---------------------------------------------------------------- student side
     def student_text(self, question: str, explanation: str, solution: str, tokenizer=None) -> Rendered:
-        """Student context of the reward (spec §1.7). Spans: `explanation`, `solution` (content only), `completion`."""
+        """Student context of the reward (SakanaAI/RLT); spans: `explanation`, `solution`, `completion`."""
         head = self.think_prefix + self.thought_start
         expl_start = len(head)
         mid = head + explanation + self.thought_end + self.think_solution_delimiter + self.student_solution_start
@@ -226,7 +226,7 @@ def _student_prompt_file() -> str:
 
 @dataclass(frozen=True)
 class StratosFormat(RLTFormat):
-    """The authors' 'stratos' teacher style and Bespoke-Stratos student format (spec §1.1–1.8), byte for byte."""
+    """The authors' 'stratos' teacher style and Bespoke-Stratos student format (SakanaAI/RLT), byte for byte."""
 
     teacher_system_prompt: str | None = field(default_factory=_teacher_prompt_file)
     student_system_prompt: str | None = field(default_factory=_student_prompt_file)

@@ -1,6 +1,6 @@
 """GRPO as pure tensor math: group advantages, KL estimators and the clipped policy-gradient loss.
 
-Follows the authors' fork of TRL 0.14 (spec §3.4–3.5): advantages ``(r - mean_g) / (std_g + 1e-4)`` with the unbiased
+Follows the authors' fork of TRL 0.14 (SakanaAI/RLT): advantages ``(r - mean_g) / (std_g + 1e-4)`` with the unbiased
 std, per-token loss ``-ratio * A + beta * k3``, per-sequence token mean then mean over sequences. Additions beyond the
 paper's run (mu = 1, no clipping): an optional PPO clip for mu > 1 (with separate low/high epsilons), the k1 estimator,
 and token-mean / constant-normalizer aggregations (Dr. GRPO). No Lightning import.
@@ -21,7 +21,7 @@ _AGGREGATIONS: tuple[str, ...] = ("sequence_mean", "token_mean", "constant")
 def group_advantages(
     rewards: Tensor, group_size: int, scale: Literal["std", "none"] = "std", eps: float = 1e-4
 ) -> Tensor:
-    """Group-relative advantages over consecutive groups of ``group_size`` completions (spec §3.4).
+    """Group-relative advantages over consecutive groups of ``group_size`` completions (SakanaAI/RLT).
 
     ``scale="std"``: ``(r - mean_g) / (std_g + eps)`` with the unbiased (N - 1) std; ``scale="none"``: ``r - mean_g``
     (Dr. GRPO). A group whose rewards are all equal (including ``group_size == 1``) gets exact zeros.
@@ -164,7 +164,7 @@ def policy_loss(
     mask: Tensor,
     config: PolicyLossConfig,
 ) -> PolicyLossOutput:
-    """GRPO loss (spec §3.5): per token ``-min(ratio * A, clip(ratio) * A) + beta * kl``, then aggregated.
+    """GRPO loss (SakanaAI/RLT): per token ``-min(ratio * A, clip(ratio) * A) + beta * kl``, then aggregated.
 
     Off-mask entries of the inputs may hold anything (padding, inf); they get neither loss nor gradient. With
     ``sequence_mean`` an empty-mask row contributes 0 and still counts in the mean over sequences (as TRL's

@@ -1,6 +1,6 @@
 """Loading causal LMs and tokenizers: dtype, attention, bitsandbytes quantization, LoRA, checkpointing, export.
 
-The paper fine-tunes all weights of Qwen2.5-7B-Instruct in bf16 (RLT.md §3.7, §3.9) and keeps the student frozen
+The paper fine-tunes all weights of Qwen2.5-7B-Instruct in bf16 (arXiv 2506.08388, §3.9) and keeps the student frozen
 (§2.10). LoRA / QLoRA are departures offered for small GPUs: with LoRA the reference policy is the base model with
 the adapter switched off (`reference_mode`), so no second copy of the weights is held. Teacher and student must share
 one tokenizer (P13, `check_tokenizers_compatible`).
@@ -175,11 +175,17 @@ def bitsandbytes_runs_on_cpu() -> bool:
     return Version(bitsandbytes.__version__) >= Version(_BNB_CPU_MIN)
 
 
+# First path components that are this project's output folders: "runs/x" is never a Hub id.
+LOCAL_ROOTS = ("runs", "logs", "lightning_logs")
+
+
 def resolve_name_or_path(name_or_path: str) -> str:
     """Return an absolute local path if `name_or_path` is one, else the Hub id unchanged.
 
     Args:
-        name_or_path: a directory (absolute, relative, "~") or a Hub id "org/name".
+        name_or_path: a directory (absolute, relative, "~") or a Hub id "org/name". A string is a local path when
+            it starts with ".", "/" or "~", has more than one "/", its parent directory exists here, or it starts
+            with one of `LOCAL_ROOTS` ("runs/...").
 
     Raises:
         ValueError: a path-looking string that does not exist, or a string that is neither a path nor a Hub id.
@@ -189,7 +195,14 @@ def resolve_name_or_path(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return str(path.resolve())
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or name_or_path.count("/") > 1
+    looks_like_path = (
+        name_or_path.startswith((".", "/", "~"))
+        or "\\" in name_or_path
+        or name_or_path.count("/") > 1
+        or path.parent.is_dir()
+        and path.parent != Path(".")  # e.g. runs/teacherX with runs/ here
+        or path.parts[0] in LOCAL_ROOTS
+    )
     if looks_like_path:
         raise ValueError(
             f"model.name_or_path={name_or_path!r} looks like a local path but {path.resolve()} does not exist; "
@@ -209,9 +222,9 @@ def load_tokenizer(
     require_chat_template: bool = False,
     revision: str | None = None,
 ) -> PreTrainedTokenizerBase:
-    """Load a tokenizer with a pad token and the requested padding side (paper: left, RLT.md §3.8).
+    """Load a tokenizer with a pad token and the requested padding side (paper: left, arXiv 2506.08388).
 
-    If it has no pad token, `<|fim_pad|>` is used when in the vocabulary, else EOS (RLT.md §1.8).
+    If it has no pad token, `<|fim_pad|>` is used when in the vocabulary, else EOS (arXiv 2506.08388).
 
     Args:
         name_or_path: Hub id or local directory.
@@ -274,7 +287,7 @@ def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedMod
 
     Args:
         config: what to load and how.
-        trainable: False for frozen models (the student in the reward, RLT.md §2.10).
+        trainable: False for frozen models (the student in the reward, arXiv 2506.08388).
 
     Returns:
         The model, a `peft.PeftModel` when `config.lora` is set and `trainable`.

@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules selectable from YAML.
 
 The paper uses torch-style AdamW (RL: lr 1e-6 constant, beta (0.9, 0.999), weight decay 0; teacher SFT: lr 1e-5,
-cosine with warmup ratio 0.05, beta (0.9, 0.95), weight decay 1e-4; RLT.md §3.7, §3.9). `AdamW8bit` and
+cosine with warmup ratio 0.05, beta (0.9, 0.95), weight decay 1e-4; arXiv 2506.08388, §3.9). `AdamW8bit` and
 `PagedAdamW8bit` wrap bitsandbytes' 8-bit optimizers (a departure that saves 6 B/param of optimizer state) and
 refuse to start on a machine without CUDA unless `allow_cpu` is set. In YAML:
 

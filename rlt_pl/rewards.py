@@ -1,6 +1,6 @@
 """The RLT teacher reward as pure tensor math: per-token log-probs, masked reductions, rSS, rKL and the final reward.
 
-Implements spec §2.4–2.8 (Sakana AI's ``TeacherKLBasedReward``, arXiv 2506.08388) on already-computed, packed
+Implements SakanaAI/RLT (Sakana AI's ``TeacherKLBasedReward``, arXiv 2506.08388) on already-computed, packed
 (left-aligned) log-prob vectors; no model calls and no Lightning import. Departures from the authors' code:
 
 * everything is batched; reductions and log-softmax run in at least fp32 (spec P11);
@@ -38,7 +38,7 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 def token_logprobs(
     logits: Tensor, input_ids: Tensor, temperature: float = 1.0, chunk_rows: int | None = None
 ) -> Tensor:
-    """Per-token log-probs of a causal LM, aligned to the tokens they score (spec §2.4, P5, P10, P11).
+    """Per-token log-probs of a causal LM, aligned to the tokens they score (SakanaAI/RLT, P5, P10, P11).
 
     ``out[:, j] = log softmax(logits[:, j - 1] / T)[input_ids[:, j]]`` for ``j >= 1`` and ``out[:, 0] = 0``. Computed as
     ``z[tok] / T - logsumexp(z / T)`` on row chunks, so at most one fp32 chunk of ``chunk_rows x V`` exists at a time
@@ -156,7 +156,7 @@ def _as_tuple(value: object, kind: type | tuple[type, ...]) -> tuple:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Every option of the authors' ``TeacherKLBasedReward`` (spec §2); defaults are the paper's run file.
+    """Every option of the authors' ``TeacherKLBasedReward`` (SakanaAI/RLT); defaults are the paper's run file.
 
     Coefficients may be given as scalars with a single reduction name (as in the authors' YAML); they are stored as
     tuples. rSS is mandatory: its coefficients must be non-empty (a scalar <= 0 is rejected, as the authors raise).
@@ -329,7 +329,7 @@ def rlt_reward(
     matched: Tensor,
     config: RewardConfig,
 ) -> RewardOutput:
-    """RLT reward ``r = rSS - rKL + m`` (spec §2.5–2.8) for a batch of packed log-prob vectors.
+    """RLT reward ``r = rSS - rKL + m`` (SakanaAI/RLT) for a batch of packed log-prob vectors.
 
     rSS: per-token ``max(norm(l^S), -clip_log_prob)``, reductions, NaN -> ``not_matched_penalty``, weighted sum.
     rKL: ``d = l^T - l^S`` (Schulman: ``d - 1 + e^-d``), ``min(norm(d), clip_kl)``, reductions,

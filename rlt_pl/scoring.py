@@ -1,6 +1,6 @@
 """Batched RLT scoring: from questions, solutions and teacher completions to rSS / rKL rewards.
 
-`RLTScorer` owns the frozen student. For a whole generation batch it renders the student contexts (spec §1.7),
+`RLTScorer` owns the frozen student. For a whole generation batch it renders the student contexts (SakanaAI/RLT),
 tokenizes them once with exact spans (`rlt_pl.spans`), runs one right-padded student forward chunked by a token
 budget (no left-padding position shift, P12), and packs the solution and explanation log-probs for
 `rlt_pl.rewards.rlt_reward`.

@@ -44,6 +44,10 @@ def test_demo_pipeline_small(demo_cwd):
     for label in ("t0.7", "greedy"):  # the two evaluations of a student are separate runs
         assert (out / "tb" / f"eval_rl_seed0_{label}").is_dir(), label
     assert "Claim (RL-teacher students beat" in (out / "REPORT.md").read_text()
+    # `make demo` writes only under its --out folder (the trace runs' config.yaml lands next to their shards)
+    assert sorted(p.name for p in demo_cwd.iterdir()) == ["configs", "runs"]
+    assert [p.name for p in (demo_cwd / "runs").iterdir()] == ["demo_small"]
+    assert (out / "traces" / "rl" / "config.yaml").exists()
 
 
 def _summary(rl: list[float], sft: list[float]) -> dict:

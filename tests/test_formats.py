@@ -1,4 +1,4 @@
-"""Golden strings of the RLT formats (spec §1.2–1.7, P1, P14, P15) and properties of completion parsing (§2.2)."""
+"""Golden strings of the RLT formats (SakanaAI/RLT, P1, P14, P15) and properties of completion parsing (§2.2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from rlt_pl.formats import CompactFormat, RLTFormat, StratosFormat
 
-# The two system prompts, written out literally (spec §1.2 and §1.3). Each `'\\n\\n'` is four characters.
+# The two system prompts, written out literally (SakanaAI/RLT and §1.3). Each `'\\n\\n'` is four characters.
 TEACHER_PROMPT = (
     "Your role as an assistant involves providing precise and accurate solutions before providing "
     "detailed explanations with your full work showing your systematic thinking process leading to "
@@ -103,7 +103,7 @@ def test_teacher_sft_golden(tokenizer) -> None:
     lo, hi = rendered.spans["completion"]
     assert rendered.text[: rendered.spans["prompt"][1]] == GOLDEN_RL_PROMPT
     assert rendered.text[lo:hi] == "We add 2 and 3.\n\nSo 5.\n\n<|end_of_explanation|><|im_end|>\n"
-    # an unpadded reference explanation gets the padding (spec §1.9): same text
+    # an unpadded reference explanation gets the padding (SakanaAI/RLT): same text
     assert StratosFormat().teacher_sft(Q, S, E[2:], tokenizer).text == GOLDEN_SFT
 
 
@@ -112,7 +112,7 @@ def test_rl_prompt_golden_and_split(tokenizer) -> None:
     prompt = fmt.teacher_prompt(Q, S, tokenizer)
     assert prompt == GOLDEN_RL_PROMPT
     assert prompt.endswith("<|begin_of_explanation|>\n\n")
-    # the authors' construction (spec §1.6, P15): split the SFT text at the divider, exactly two parts
+    # the authors' construction (SakanaAI/RLT, P15): split the SFT text at the divider, exactly two parts
     parts = GOLDEN_SFT.split(DIVIDER)
     assert len(parts) == 2
     assert prompt == parts[0] + DIVIDER
@@ -217,7 +217,7 @@ def test_teacher_scoring_text_needs_the_rl_prompt() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# parse_completion properties (spec §2.2)
+# parse_completion properties (SakanaAI/RLT)
 
 _PIECES = st.sampled_from(
     ["<|end_of_explanation|>", "<|end_of_explanation", "<|begin_of_", "|>", "<|end_of_thought|>", "\n\n", " ", "</E>"]

@@ -1,4 +1,4 @@
-"""Golden tests for rlt_pl.rewards: a float64 per-row reference of spec §2.5–2.8, hand-computed values, properties."""
+"""Golden tests for rlt_pl.rewards: a float64 per-row reference of SakanaAI/RLT, hand-computed values, properties."""
 
 from __future__ import annotations
 

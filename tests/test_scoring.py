@@ -1,4 +1,4 @@
-"""RLTScorer against a per-sample float64 reference of the authors' loop (spec §2), plus P5 alignment, the
+"""RLTScorer against a per-sample float64 reference of the authors' loop (SakanaAI/RLT), plus P5 alignment, the
 sampled-id path (P3, P17), overflow and chunking."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ WORDS = "we add the digits then carry so the answer is 5 . , check 12 + 30 = 42 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Reference: one completion at a time, strings rendered as in spec §1.6–1.7 / §2.2, spans by character offsets,
-# float64 forwards, python-float reductions (spec §2.5–2.7). Independent of rlt_pl.formats / spans / scoring.
+# Reference: one completion at a time, strings rendered as in SakanaAI/RLT / §2.2, spans by character offsets,
+# float64 forwards, python-float reductions (SakanaAI/RLT). Independent of rlt_pl.formats / spans / scoring.
 
 
 class RefStrings:

@@ -1,7 +1,7 @@
 """Supervised stages: teacher SFT and student distillation losses fall, and only completion tokens carry loss.
 
-Mask tests use the tiny Qwen-template tokenizer with `StratosFormat` (spec §1.5: loss after
-`<|begin_of_explanation|>` + "\\n\\n"; spec §1.8: loss after `<|im_start|>assistant\\n`).
+Mask tests use the tiny Qwen-template tokenizer with `StratosFormat` (SakanaAI/RLT: loss after
+`<|begin_of_explanation|>` + "\\n\\n"; SakanaAI/RLT: loss after `<|im_start|>assistant\\n`).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_teacher_sft_mask_starts_after_explanation_tag(tiny_dirs, tokenizer):
     module = _stratos(TeacherSFTModule, tiny_dirs, tokenizer)
     context, trained, mask = _split_by_mask(module, ROW)
     assert context.endswith("<|begin_of_explanation|>\n\n")
-    assert ROW["solution"] in context  # the solution is context only (spec §1.5)
+    assert ROW["solution"] in context  # the solution is context only (SakanaAI/RLT)
     assert trained == "We add 2 and 3 to get 5.\n\n<|end_of_explanation|><|im_end|>\n"
     # one contiguous run of ones at the end
     first = int(mask.nonzero()[0])

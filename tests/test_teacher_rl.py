@@ -114,7 +114,7 @@ def test_rlt_reward_rises(compact_dirs):
     Weaker than the paper's setting, on purpose: with a *random* tiny student the rKL term (teacher − student
     log-probs over the explanation) only grows as the teacher sharpens, so the full reward falls on CPU-sized runs
     (tried: 30 steps, reward −6.6 → −7.6 while match rate rose). Here rKL is switched off
-    (`kl_penalty_coeffs: 0`), leaving rSS + the not-matched penalty (spec §2.2, §2.7): the teacher can raise its
+    (`kl_penalty_coeffs: 0`), leaving rSS + the not-matched penalty (SakanaAI/RLT, §2.7): the teacher can raise its
     reward by closing `</E>` within the token budget, which a random student does not hide.
     """
     L.seed_everything(0)

@@ -1,4 +1,4 @@
-"""TR-DPO reference sync (spec §3.6): every τ optimizer steps, θ_ref ← α θ + (1 − α) θ_ref (paper: α 0.9, τ 32)."""
+"""TR-DPO reference sync (SakanaAI/RLT): every τ optimizer steps, θ_ref ← α θ + (1 − α) θ_ref (paper: α 0.9, τ 32)."""
 
 from __future__ import annotations
 

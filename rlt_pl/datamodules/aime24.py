@@ -2,7 +2,7 @@
 
 Public schema checked on the Hub card: ``id`` (int64), ``problem``, ``solution``, ``answer`` (string), ``url``,
 ``year`` (string). It is the 2024 subset of ``AI-MO/aimo-validation-aime``, which SkyThought filters the same way
-(RLT.md §4.3); pass ``hf_path="AI-MO/aimo-validation-aime"`` with ``year="2024"`` to use that source instead.
+(arXiv 2506.08388); pass ``hf_path="AI-MO/aimo-validation-aime"`` with ``year="2024"`` to use that source instead.
 """
 
 from __future__ import annotations

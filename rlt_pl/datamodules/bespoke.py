@@ -1,5 +1,5 @@
 """Bespoke-Stratos-17k (``bespokelabs/Bespoke-Stratos-17k``: ``system``, ``conversations=[{from, value}]``) and
-custom reasoning datasets, parsed per RLT.md §1.4 / §1.9.
+custom reasoning datasets, parsed per arXiv 2506.08388
 
 - question ``q`` = ``conversations[0].value`` (``from == "user"``), kept verbatim;
 - thought ``θ`` = text strictly between the first ``<|begin_of_thought|>`` and the next ``<|end_of_thought|>``;

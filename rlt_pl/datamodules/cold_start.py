@@ -1,4 +1,4 @@
-"""Data of the cold-start RL mode (paper §5, "RL cold-start"; not in the authors' repo, RLT.md §4.3).
+"""Data of the cold-start RL mode (paper §5, "RL cold-start"; not in the authors' repo, arXiv 2506.08388).
 
 The mode: a student is first distilled on RLT traces (`StudentDistillModule`, with `export_dir`), then trained with
 verifiable-reward GRPO on a benchmark (`GRPOModule` + `TaskReward`). The RL policy is the distilled student: set the

@@ -1,6 +1,6 @@
 """GRPO as a LightningModule, generic over its reward.
 
-One `training_step` reads like the paper (spec §3): sample G completions per prompt → score → group advantages →
+One `training_step` reads like the paper (SakanaAI/RLT): sample G completions per prompt → score → group advantages →
 policy loss, then one optimizer step. The generation batch is buffered, shuffled and split into micro-batches for
 the backward passes (the paper's gradient accumulation, §3.1); with `num_iterations` μ > 1 the buffer is replayed
 μ times with one optimizer step per pass (TRL's semantics) and PPO clipping against the rollout's log-probs.
@@ -525,7 +525,7 @@ class GRPOModule(CausalLMModule):
 
 
 def sync_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: float) -> None:
-    """TR-DPO soft update θ_ref ← α θ + (1 − α) θ_ref (spec §3.6)."""
+    """TR-DPO soft update θ_ref ← α θ + (1 − α) θ_ref (SakanaAI/RLT)."""
     with torch.no_grad():
         for p_ref, p in zip(reference.parameters(), policy.parameters()):
             p_ref.lerp_(p.detach().to(p_ref.dtype), alpha)

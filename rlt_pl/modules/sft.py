@@ -6,7 +6,7 @@ token loss divided by the label-token count of the window (HF Trainer's `num_ite
 TRL 0.14 and by SkyThought), so a 16K-token trace weighs 1,600 times a 10-token one, not the same (spec §3.9):
 - `TeacherSFTModule`: question + solution → explanation (spec §1.5; loss after `<|begin_of_explanation|>` + padding).
   Its `predict` writes explanations for (question, solution) rows: the traces students are distilled on.
-- `StudentDistillModule`: question → thought (= a teacher explanation) → solution (spec §1.7–1.8; loss on the
+- `StudentDistillModule`: question → thought (= a teacher explanation) → solution (SakanaAI/RLT; loss on the
   whole assistant message). Its `validate`/`test` generate answers to benchmark questions and grade them.
 """
 
@@ -212,7 +212,7 @@ class StudentDistillModule(SFTModule):
 
 
 class TeacherSFTModule(SFTModule):
-    """Teacher warm-up (spec §3.9): learn to explain a given solution; `predict` writes traces (see TraceWriter)."""
+    """Teacher warm-up (SakanaAI/RLT): learn to explain a given solution; `predict` writes traces (see TraceWriter)."""
 
     def __init__(self, model: ModelConfig, predict_num_samples: int = 1, **kwargs) -> None:
         super().__init__(model=model, **kwargs)

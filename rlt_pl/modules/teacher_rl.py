@@ -1,4 +1,4 @@
-"""`TeacherRLModule`: GRPO on the teacher with the RLT reward (spec §2–3).
+"""`TeacherRLModule`: GRPO on the teacher with the RLT reward (SakanaAI/RLT).
 
 The teacher sees a question and its solution and writes an explanation after the RL prompt. The reward comes from
 the frozen student owned by `StudentRewardCallback`: rSS (student log-probs of the solution given question +

@@ -1,6 +1,6 @@
 """GPQA(-Diamond) multiple-choice grader: deterministic option shuffling and robust letter extraction.
 
-Prompt follows SkyThought's GPQA template in spirit (RLT.md §4.3): the options are listed as ``A) ... D)`` and the
+Prompt follows SkyThought's GPQA template in spirit (arXiv 2506.08388): the options are listed as ``A) ... D)`` and the
 model is asked to box only the letter. The correct answer's position is decided by a seeded shuffle per question
 (sha256 of ``"{seed}:{question_id}"``), so it is the same on every machine, process and run.
 """

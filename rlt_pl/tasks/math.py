@@ -1,6 +1,6 @@
 """Math grader (MATH500, AIME24, Bespoke math rows): SkyThought-style prompt, last ``\\boxed{}``, math_verify.
 
-Question format follows SkyThought @ 4bb8f3e ("Return your final response within \\boxed{}. {problem}", RLT.md §4.3).
+Question format follows SkyThought @ 4bb8f3e ("Return your final response within \\boxed{}. {problem}").
 Grading: the last box of the response is compared with the gold answer by ``math_verify`` (gold wrapped in ``$...$``).
 ``math_verify`` enforces time limits with ``signal.alarm``, which only works in the main thread; elsewhere (e.g. a
 DataLoader thread or a thread pool) this grader falls back to a normalised string comparison and counts that.
