@@ -165,12 +165,16 @@ def _drop_tips(record: logging.LogRecord) -> bool:
 
 
 def error_line(exc: BaseException) -> str:
-    """One line for a construction error: the innermost cause's message (jsonargparse wraps the class's own error
-    in "Does not validate against any of the Union subtypes ..." text), whitespace collapsed."""
-    root = exc
-    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
-        root = root.__cause__ or root.__context__
-    message = re.sub(r"\s+", " ", str(root)).strip() or type(root).__name__
+    """One line for a construction error: the class's own message, whitespace collapsed. jsonargparse wraps it in
+    "Does not validate against any of the Union subtypes ... Errors: - <message> ..." text; newer versions chain the
+    original as the cause (taken when present), older ones keep only the text (its first listed error is taken)."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None or (chain[-1].__context__ is not None and not chain[-1].__suppress_context__):
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    own = [e for e in chain if not type(e).__module__.startswith("jsonargparse") and "Errors:" not in str(e)]
+    text = str(own[-1]) if own else str(chain[-1])
+    listed = re.search(r"Errors:\s*\n\s*- (.+)", text)
+    message = re.sub(r"\s+", " ", listed.group(1) if listed else text).strip() or type(chain[-1]).__name__
     return f"rlt_pl: error: {message} (traceback: --debug or {DEBUG_ENV}=1)"
 
 
