@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_CPU := torch==2.13.0
+SEEDS ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-all demo bench lint format clean
+.PHONY: setup test test-all demo bench lint format clean mutate
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +31,8 @@ test: setup
 test-all: setup
 	$(PY) -m pytest
 
-demo: setup
-	$(PY) -m rlt_pl.demo --out runs/demo --seeds 0 1 2
+demo: setup  ## one seed in ~5 min; the README table: make demo SEEDS="0 1 2"
+	$(PY) -m rlt_pl.demo --out runs/demo --seeds $(SEEDS)
 
 bench: setup
 	$(PIP) install -q -e ".[dev,bench]"
