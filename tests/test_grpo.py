@@ -174,3 +174,10 @@ def test_policy_loss_input_validation() -> None:
     with pytest.raises(ValueError, match="old_logp"):
         policy_loss(logp, torch.zeros(2, 2), None, adv, mask, PolicyLossConfig(beta=0.0))
     assert PolicyLossConfig(clip_eps_low=0.2).clip_eps_high == 0.2
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-4])
+def test_group_advantages_refuses_a_non_positive_eps(eps: float) -> None:
+    # eps 0 divides a zero-variance group by 0 (NaN advantages); eps < 0 can flip signs
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        group_advantages(torch.zeros(4), group_size=2, eps=eps)
