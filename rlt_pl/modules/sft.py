@@ -145,7 +145,6 @@ class SFTModule(CausalLMModule):
 
         sampling = replace(self.eval_sampling, stop_strings=tuple(self.format.student_stop_strings()))
         keep, prompts = self.prompts_within_limit(prompts, sampling)  # over-long questions: counted, skipped
-        self.log(f"{stage}/count/skipped_long_prompts", float(self.skipped_long_prompts), add_dataloader_idx=False)
         batch = [batch[i] for i in keep]
         if not batch:
             return
@@ -167,6 +166,8 @@ class SFTModule(CausalLMModule):
             if ev.output_path and self.trainer.is_global_zero:
                 ev.write_jsonl()
         self._evaluators = {}
+        skipped = torch.tensor(float(self.skipped_long_prompts), device=self.device)
+        self.log(f"{stage}/count/skipped_long_prompts", skipped, sync_dist=True, reduce_fx="sum")
 
     def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, dataloader_idx, "val")
