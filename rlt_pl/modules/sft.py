@@ -145,7 +145,6 @@ class SFTModule(CausalLMModule):
 
         sampling = replace(self.eval_sampling, stop_strings=tuple(self.format.student_stop_strings()))
         keep, prompts = self.prompts_within_limit(prompts, sampling)  # over-long questions: counted, skipped
-        self.log(f"{stage}/count/skipped_long_prompts", float(self.skipped_long_prompts), add_dataloader_idx=False)
         batch = [batch[i] for i in keep]
         if not batch:
             return
@@ -160,6 +159,8 @@ class SFTModule(CausalLMModule):
     def _finish_eval(self, stage: str) -> None:
         """Gather every rank's graded questions (each question once), log the same metrics on all ranks, write one
         JSONL from rank 0."""
+        # once per epoch, not per step: with several benchmarks one key from every dataloader is refused by Lightning
+        self.log(f"{stage}/count/skipped_long_prompts", float(self.skipped_long_prompts), sync_dist=True)
         for ev in self._evaluators.values():
             ev.records = [r for part in all_gather_objects(ev.records) for r in part]
             metrics = ev.compute()
