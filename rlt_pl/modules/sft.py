@@ -159,8 +159,6 @@ class SFTModule(CausalLMModule):
     def _finish_eval(self, stage: str) -> None:
         """Gather every rank's graded questions (each question once), log the same metrics on all ranks, write one
         JSONL from rank 0."""
-        # once per epoch, not per step: with several benchmarks one key from every dataloader is refused by Lightning
-        self.log(f"{stage}/count/skipped_long_prompts", float(self.skipped_long_prompts), sync_dist=True)
         for ev in self._evaluators.values():
             ev.records = [r for part in all_gather_objects(ev.records) for r in part]
             metrics = ev.compute()
@@ -168,6 +166,8 @@ class SFTModule(CausalLMModule):
             if ev.output_path and self.trainer.is_global_zero:
                 ev.write_jsonl()
         self._evaluators = {}
+        skipped = torch.tensor(float(self.skipped_long_prompts), device=self.device)
+        self.log(f"{stage}/count/skipped_long_prompts", skipped, sync_dist=True, reduce_fx="sum")
 
     def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, dataloader_idx, "val")
