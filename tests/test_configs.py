@@ -62,7 +62,7 @@ def _cpu_overrides(config: dict) -> list[str]:
 
 def _args(path: str, config: dict) -> list[str]:
     """CLI arguments instantiating `path`: alone when it names a model, else on top of the tiny teacher config."""
-    base = [] if "model" in config else ["-c", TINY]
+    base = [] if "class_path" in (config.get("model") or {}) else ["-c", TINY]  # an override file needs a stage
     # a fragment turning checkpointing off (the demo's) cannot sit on the tiny config's checkpoint callback
     no_ckpt = (
         ["--trainer.callbacks=[]"]

@@ -125,6 +125,39 @@ def test_bespoke_parsing_verbatim_and_malformed():
     assert len(list(dm.train_dataloader())) == 1 and len(dm.rows_for("predict")) == 3
 
 
+def test_no_val_split_means_no_validation_not_a_crash(tmp_path):
+    """A training set with no val split (the paper configs' Bespoke data) runs Lightning's sanity check and
+    validation as 'nothing to validate'; a val split, once carved, is used."""
+    import torch
+    from lightning.pytorch import LightningModule, Trainer
+
+    class Probe(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w, self.val_rows = torch.nn.Parameter(torch.zeros(1)), 0
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - len(batch)).pow(2).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.val_rows += len(batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    for val_size, expected in ((0, 0), (1, 1)):
+        dm = _setup(BespokeStratosDataModule(data_path=str(FIX / "bespoke_stratos.json"), val_size=val_size))
+        probe = Probe()
+        trainer = Trainer(
+            max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+        )
+        trainer.fit(probe, datamodule=dm)  # default num_sanity_val_steps=2: asks for the val loader
+        assert trainer.global_step == 1 and probe.val_rows == expected * 2  # sanity check + end-of-epoch val
+    with pytest.raises(ValueError, match="no split feeds stage 'test'"):
+        dm = BespokeStratosDataModule(data_path=str(FIX / "bespoke_stratos.json"))
+        _setup(dm).test_dataloader()
+
+
 def test_bespoke_custom_columns_are_padded():
     dm = _setup(BespokeStratosDataModule(data_path=str(FIX / "custom_reasoning.jsonl")))
     assert dm.rows[0]["thought"] == "\n\nTwo times three is six.\n\n"

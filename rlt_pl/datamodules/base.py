@@ -593,8 +593,11 @@ class RowDataModule(LightningDataModule):
         """Shuffled (seeded) batches of training rows."""
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        """Batches of validation rows in order."""
+    def val_dataloader(self) -> DataLoader | list:
+        """Batches of validation rows in order; ``[]`` (no validation, sanity check included) when no split feeds
+        ``val`` (e.g. a training set with ``val_size: 0``)."""
+        if "val" not in self.stage_splits:
+            return []
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
