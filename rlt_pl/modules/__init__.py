@@ -7,8 +7,9 @@ lazy package lets either be imported first in a fresh interpreter.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from rlt_pl.lazy import lazy_exports
 
 _EXPORTS = {
     "CausalLMModule": "rlt_pl.modules.base",
@@ -43,13 +44,4 @@ if TYPE_CHECKING:
     from rlt_pl.modules.teacher_rl import RLTReward, TeacherRLModule
 
 
-def __getattr__(name: str) -> object:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
