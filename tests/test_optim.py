@@ -139,7 +139,7 @@ def test_trainer_configs_exist():
 def test_trainer_config_parses(path):
     _, cfg = _parse_trainer_yaml(path)
     assert cfg.trainer.log_every_n_steps == 1
-    if path.name != "cpu.yaml":
+    if not path.name.startswith("cpu") and not path.name.endswith("_cpu.yaml"):  # CPU variants run fp32
         assert (
             cfg.trainer.precision.startswith("bf16") and cfg.trainer.gradient_clip_val is None
         )  # clipping is per stage
@@ -147,23 +147,24 @@ def test_trainer_config_parses(path):
 
 def test_cpu_trainer_config_instantiates(tmp_path):
     parser, cfg = _parse_trainer_yaml(TRAINER_CONFIGS[[p.name for p in TRAINER_CONFIGS].index("cpu.yaml")])
+    assert cfg.trainer.logger is None  # no logger of its own: the stage config's logger is kept when it is added
     cfg.trainer.default_root_dir = str(tmp_path)
-    cfg.trainer.logger.init_args.save_dir = str(tmp_path)
     trainer = parser.instantiate(cfg).trainer
     assert isinstance(trainer, Trainer) and trainer.precision == "32-true"
-    assert type(trainer.logger).__name__ == "TensorBoardLogger"
 
 
 def test_fsdp_config_strategy_instantiates():
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+    """fsdp.yaml is FSDP2 through Lightning's ModelParallelStrategy (sharded checkpoints), not FSDPStrategy, whose
+    root-module forward breaks GRPO's manual backward."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from rlt_pl.distributed import FSDP2Strategy
 
     _, cfg = _parse_trainer_yaml(Path(TRAINER_CONFIGS[0]).parent / "fsdp.yaml")
     strategy = _instantiate_strategy(cfg.trainer.strategy)
-    assert isinstance(strategy, FSDPStrategy)
-    assert strategy.kwargs["use_orig_params"] is True
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Qwen2DecoderLayer}
-    assert strategy._state_dict_type == "sharded"
-    assert strategy.sharding_strategy.name == "FULL_SHARD"
+    assert isinstance(strategy, FSDP2Strategy) and isinstance(strategy, ModelParallelStrategy)
+    assert not isinstance(strategy, FSDPStrategy)
+    assert strategy._save_distributed_checkpoint is True
 
 
 def test_ddp_config_strategy_instantiates():
