@@ -46,6 +46,8 @@ class TracesDataModule(RowDataModule):
         self.eval_data = eval_data
         self.answer_only = answer_only
         self.length_bucketing = length_bucketing
+        self.missing_thought: list[str] = []  # ids of traces without a thought (they train answer-only)
+        self._id_kinds: dict[str, str] = {}
         super().__init__(
             data_path=data_path,
             batch_size=batch_size,
@@ -95,8 +97,8 @@ class TracesDataModule(RowDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.rows is None:
-            self._id_kinds: dict[str, str] = {}
-            self.missing_thought: list[str] = []
+            self._id_kinds = {}
+            self.missing_thought = []
         super().setup(stage)
         if self.missing_thought:
             shown = ", ".join(self.missing_thought[:10])
@@ -110,7 +112,7 @@ class TracesDataModule(RowDataModule):
     def data_stats(self) -> dict[str, float]:
         """The base stats plus ``data/traces/missing_thought`` (rows that train answer-only)."""
         stats = super().data_stats()
-        stats["data/traces/missing_thought"] = float(len(getattr(self, "missing_thought", [])))
+        stats["data/traces/missing_thought"] = float(len(self.missing_thought))
         return stats
 
     def train_dataloader(self):
