@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import tempfile
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from rlt_pl.formats import CompactFormat, RLTFormat, StratosFormat
 from rlt_pl.rewards import RewardConfig, penalise_below_group
+from rlt_pl.spans import nfc_text
 
 FORMATS = {"stratos": StratosFormat, "compact": CompactFormat}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,10 +84,9 @@ def _clean_text(row: dict) -> tuple[str | None, bool]:
         if not isinstance(value, str):
             continue
         try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return f"field {key!r} holds a lone surrogate (not valid Unicode text)", False
-        nfc = unicodedata.normalize("NFC", value)
+            nfc = nfc_text(key, value)
+        except ValueError as err:
+            return str(err), False
         if nfc != value:
             row[key], changed = nfc, True
     return None, changed

@@ -184,17 +184,28 @@ def completion_explanation_mask(
     return span_mask(start, end, lo, explanation_end_bytes, completion_mask.bool())
 
 
+def nfc_text(field: str, value: str) -> str:
+    """`value` NFC-normalised (the exact-span encoder refuses text a tokenizer normaliser would rewrite).
+
+    Raises:
+        ValueError: naming `field`, for text that is not valid Unicode (a lone surrogate from a ``\\udXXX``
+            escape), instead of a tokenizer failure deep inside a step.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"field {field!r} holds a lone surrogate (not valid Unicode text)") from err
+    return unicodedata.normalize("NFC", value)
+
+
 def nfc_fields(row: dict, keys: Sequence[str] = ("question", "solution", "thought", "answer")) -> dict:
-    """A copy of `row` with its text fields NFC-normalised (the exact-span encoder refuses text a tokenizer
-    normaliser would rewrite). Raises a ValueError naming the row and field for text that is not valid Unicode
-    (a lone surrogate), instead of a tokenizer failure deep inside a step."""
+    """A copy of `row` with its text fields NFC-normalised (`nfc_text`); errors name the row and the field."""
     out = dict(row)
     for key in keys:
         value = out.get(key)
         if isinstance(value, str):
             try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise ValueError(f"row {row.get('id')!r}: field {key!r} holds a lone surrogate") from err
-            out[key] = unicodedata.normalize("NFC", value)
+                out[key] = nfc_text(key, value)
+            except ValueError as err:
+                raise ValueError(f"row {row.get('id')!r}: {err}") from err
     return out

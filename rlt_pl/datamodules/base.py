@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import unicodedata
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from rlt_pl.distributed import world
+from rlt_pl.spans import nfc_text
 from rlt_pl.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,9 @@ def nfc_row(row: dict) -> tuple[dict, bool]:
         if not isinstance(value, str):
             return value
         try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise RowError(f"field {key!r} holds a lone surrogate (not valid Unicode text)") from err
-        nfc = unicodedata.normalize("NFC", value)
+            nfc = nfc_text(key, value)
+        except ValueError as err:
+            raise RowError(str(err)) from err
         changed |= nfc != value
         return nfc
 
