@@ -172,10 +172,6 @@ class TraceWriter(BasePredictionWriter):
         self.counts["skipped_rows"] += len(rows) - len(todo)
         return todo
 
-    def is_done(self, batch_idx: int) -> bool:
-        """Kept for callers that ask by position: True only when no row of the run is missing."""
-        return False
-
     def _finished_ids(self) -> set[str]:
         ids: set[str] = set()
         for shard in self.output_dir.glob("shard-*.jsonl"):
