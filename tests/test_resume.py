@@ -18,8 +18,8 @@ from rlt_pl.datamodules.base import EpochShuffleSampler, ResumableDataLoader, re
 from rlt_pl.formats import CompactFormat
 from rlt_pl.generation import SamplingConfig
 from rlt_pl.models import ModelConfig
-from rlt_pl.modules.grpo import collect_rng_states, restore_rng_states
 from rlt_pl.modules.teacher_rl import TeacherRLModule
+from rlt_pl.rng import collect_rng_states, restore_rng_states
 from rlt_pl.tiny import build_compact_assets
 
 STEPS = 6  # 8 training rows / batch 4 = 2 batches per epoch: 3 epochs, validation after each

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch import Callback
 
-from rlt_pl.modules.grpo import GRPOModule, sync_reference
+from rlt_pl.modules.grpo import GRPOModule
+
+
+def sync_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO soft update θ_ref ← α θ + (1 − α) θ_ref (SakanaAI/RLT)."""
+    with torch.no_grad():
+        for p_ref, p in zip(reference.parameters(), policy.parameters()):
+            p_ref.lerp_(p.detach().to(p_ref.dtype), alpha)
 
 
 class ReferenceSyncCallback(Callback):

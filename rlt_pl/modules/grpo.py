@@ -13,13 +13,11 @@ Rewards are classes chosen by `class_path` (`TaskReward` for verifiable student 
 
 from __future__ import annotations
 
-import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -31,6 +29,7 @@ from rlt_pl.grpo import PolicyLossConfig, group_advantages, policy_loss, token_e
 from rlt_pl.models import ModelConfig, load_causal_lm, reference_mode
 from rlt_pl.modules.base import CausalLMModule, markdown_table
 from rlt_pl.rewards import token_logprobs
+from rlt_pl.rng import collect_rng_states, restore_rng_states
 from rlt_pl.scoring import causal_logprobs
 from rlt_pl.tasks.base import Task
 
@@ -524,48 +523,9 @@ class GRPOModule(CausalLMModule):
         return super().load_state_dict(state_dict, strict=strict, **kwargs)
 
 
-def sync_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: float) -> None:
-    """TR-DPO soft update θ_ref ← α θ + (1 − α) θ_ref (SakanaAI/RLT)."""
-    with torch.no_grad():
-        for p_ref, p in zip(reference.parameters(), policy.parameters()):
-            p_ref.lerp_(p.detach().to(p_ref.dtype), alpha)
-
-
-def collect_rng_states() -> dict:
-    """torch (CPU and CUDA), numpy and python RNG states: everything sampling and shuffling may draw from."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    # numpy's state as tensors/ints, so checkpoints still load with torch.load(weights_only=True)
-    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
-    numpy_state |= {"has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict) -> None:
-    """Inverse of `collect_rng_states` (CUDA states only when the device count matches).
-
-    Args:
-        states: output of `collect_rng_states` (older checkpoints may lack numpy/cuda).
-    """
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "numpy" in states:
-        n = states["numpy"]
-        keys = n["keys"].numpy().astype(np.uint32)
-        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    cuda = states.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
 __all__ = [
     "GRPOModule",
     "Reward",
     "RewardResult",
     "TaskReward",
-    "sync_reference",
-    "collect_rng_states",
-    "restore_rng_states",
 ]
