@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from rlt_pl.callbacks.student_reward import find_student_reward
 from rlt_pl.datamodules.base import is_padding
 from rlt_pl.distributed import all_ranks_true, all_reduce_sum, world
+from rlt_pl.paths import check_writable_dir
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -136,6 +137,7 @@ class TraceWriter(BasePredictionWriter):
         restart: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
+        check_writable_dir(output_dir, "TraceWriter.init_args.output_dir")
         self.output_dir = Path(output_dir).expanduser().resolve()
         self.max_trace_tokens = max_trace_tokens
         self.overflow = overflow

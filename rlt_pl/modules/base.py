@@ -24,6 +24,7 @@ from rlt_pl.formats import RLTFormat, StratosFormat
 from rlt_pl.generation import GenerationEngine, HFGenerationEngine, SamplingConfig
 from rlt_pl.models import ModelConfig, export_model, load_causal_lm, load_tokenizer
 from rlt_pl.optim import build_scheduler, weight_decay_groups
+from rlt_pl.paths import check_writable_dir
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -93,6 +94,8 @@ class CausalLMModule(LightningModule):
                 "export the adapter (merge_lora_on_export: false)"
             )
         model.validate()
+        if export_dir:
+            check_writable_dir(export_dir, "model.init_args.export_dir")  # not after all the training
         self.model_config = model
         self.format = format or StratosFormat()
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
