@@ -399,12 +399,14 @@ def export_model(
     out_dir: str | Path,
     merge_lora: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
+    export_dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
     """Save a Hugging Face checkpoint (model + tokenizer) to `out_dir`.
 
     A LoRA model is saved as its adapter only, or with `merge_lora=True` as a full merged checkpoint; the merge is
     done on a deep copy (one extra copy of the weights in memory) so the live model and its reference are untouched.
-    `merge_lora` is ignored for models without adapters.
+    `merge_lora` is ignored for models without adapters. A quantized (QLoRA) base is dequantised and merged out of
+    place (`rlt_pl.merge.merged_weights`) into a plain, unquantized checkpoint of `export_dtype`.
 
     Args:
         model: a `PreTrainedModel` or a `peft.PeftModel`.
@@ -413,6 +415,7 @@ def export_model(
         merge_lora: write merged full weights instead of the adapter.
         state_dict: the full state dict of a sharded model (`rlt_pl.distributed.full_state_dict`, gathered by
             every rank); it is loaded into a fresh unsharded copy built from `model`'s config, which is saved.
+        export_dtype: dtype of a merged QLoRA export (the 4-bit base computes in bfloat16).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -420,11 +423,9 @@ def export_model(
         model = _unsharded_copy(model, state_dict)
     if is_lora(model) and merge_lora:
         if _is_quantized(model.get_base_model()):
-            raise ValueError(
-                "merge_lora=True on a quantized model would re-quantize the merged weights; export the adapter "
-                "(merge_lora=False) and merge it into a bf16 copy of the base model"
-            )
-        merged = copy.deepcopy(model).merge_and_unload()
+            merged = _dequantized_merged_copy(model, export_dtype)
+        else:
+            merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(out)
         del merged
     else:
@@ -447,3 +448,19 @@ def _unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor])
     if hasattr(base, "generation_config"):
         (copy_.get_base_model() if is_lora(copy_) else copy_).generation_config = base.generation_config
     return copy_
+
+
+def _dequantized_merged_copy(model: torch.nn.Module, dtype: torch.dtype) -> PreTrainedModel:
+    """A plain (unquantized) CPU model holding the merged, dequantised weights of a QLoRA `model`."""
+    from rlt_pl.merge import merged_weights
+
+    base = model.get_base_model()
+    config = copy.deepcopy(base.config)
+    del config.quantization_config  # a plain checkpoint: from_pretrained must not quantize it again
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {name: t.to("cpu", copy=True) for name, t in merged_weights(model, dtype)}
+    plain.load_state_dict(state, strict=True, assign=True)
+    plain.tie_weights()
+    plain.generation_config = copy.deepcopy(base.generation_config)
+    return plain

@@ -142,14 +142,17 @@ def test_qlora_config_refuses_cpu_clearly(config_cwd, monkeypatch):
         cli_main(["-c", path, *_cpu_overrides(config)], run=False)
 
 
-def test_merge_on_export_of_a_quantized_base_fails_at_construction():
-    """Refused when the module is built, naming the flag, not after the last training step."""
+def test_merge_on_export_of_an_8bit_base_fails_at_construction():
+    """An 8-bit base cannot be merged: refused when the module is built, naming the flag, not after the last
+    training step. A 4-bit base is accepted (dequantised and merged on export)."""
     from rlt_pl.models import LoraConfig, ModelConfig
     from rlt_pl.modules.grpo import GRPOModule
 
-    config = ModelConfig("Qwen/Qwen2.5-7B-Instruct", quantization="4bit", lora=LoraConfig())
+    config = ModelConfig("Qwen/Qwen2.5-7B-Instruct", quantization="8bit", lora=LoraConfig())
     with pytest.raises(ValueError, match="model.init_args.merge_lora_on_export"):
         GRPOModule(config, merge_lora_on_export=True)
+    four_bit = ModelConfig("Qwen/Qwen2.5-7B-Instruct", quantization="4bit", lora=LoraConfig())
+    GRPOModule(four_bit, merge_lora_on_export=True)
 
 
 def test_paper_chain_paths_line_up():

@@ -64,7 +64,8 @@ class CausalLMModule(LightningModule):
         engine: generation engine (HF generate by default).
         sampling: sampling settings for generation.
         export_dir: where to write a Hugging Face checkpoint of the trained model at the end of `fit`.
-        merge_lora_on_export: export a merged checkpoint instead of the LoRA adapter.
+        merge_lora_on_export: export a merged checkpoint instead of the LoRA adapter (a 4-bit base: dequantised,
+            merged out of place, saved as a plain bf16 checkpoint).
     """
 
     def __init__(
@@ -87,11 +88,10 @@ class CausalLMModule(LightningModule):
             raise ValueError(f"model.init_args.lr must be > 0, got {lr}")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"model.init_args.warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        if merge_lora_on_export and model.quantization is not None:
+        if merge_lora_on_export and model.quantization == "8bit":
             raise ValueError(
-                "model.init_args.merge_lora_on_export=true cannot merge into a "
-                f"model.quantization={model.quantization!r} base (the merged weights would be re-quantized); "
-                "export the adapter (merge_lora_on_export: false)"
+                "model.init_args.merge_lora_on_export=true supports a model.quantization='4bit' base (dequantised "
+                "and merged into a plain bf16 checkpoint), not '8bit'; export the adapter (merge_lora_on_export: false)"
             )
         model.validate()
         if export_dir:
