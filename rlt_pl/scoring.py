@@ -44,6 +44,7 @@ class PackedTokens:
     logprobs: Tensor
     mask: Tensor
     overflow: Tensor | None = None  # [B] bool: rows cut at the scorer's max_length (text path)
+    mismatch: Tensor | None = None  # [B] bool: rows known to differ from the text path (sampled path)
 
 
 @dataclass
@@ -171,7 +172,19 @@ def teacher_logprobs_from_policy(
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     packed_lp, packed_mask = pack_masked(logprobs, mask)
     packed_ids, _ = pack_masked(ids, mask)
-    return PackedTokens(packed_ids, packed_lp, packed_mask)
+    return PackedTokens(packed_ids, packed_lp, packed_mask, mismatch=special_inside(offsets, completion_ids, comp))
+
+
+def special_inside(offsets: ByteOffsets, completion_ids: Tensor, explanation: Tensor) -> Tensor:
+    """[B] rows with a special token sampled before an explanation token (`explanation` [B, C] mask).
+
+    The decoded text drops it, so the text path's teacher context lacks it while the sampled log-probs of every later
+    explanation token are conditioned on it; the stop token after the explanation conditions nothing scored.
+    """
+    special = offsets.special.to(completion_ids.device)[completion_ids]
+    pos = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    last = torch.where(explanation.to(completion_ids.device), pos, -1).max(-1).values
+    return (special & (pos < last[:, None])).any(-1).cpu()
 
 
 def _align(teacher: PackedTokens, student: PackedTokens) -> tuple[Tensor, Tensor]:
@@ -318,6 +331,8 @@ class RLTScorer:
             if teacher_tokens.overflow is not None:
                 overflow = overflow | teacher_tokens.overflow
             equal, prefix = _align(teacher_tokens, expl)
+            if teacher_tokens.mismatch is not None:  # a special token inside the explanation: text path
+                equal = equal & ~teacher_tokens.mismatch
             mismatched = (~equal & ~overflow).nonzero().squeeze(-1).tolist()
             counts["token_mismatch"] = len(mismatched)
             k = prefix.shape[1]

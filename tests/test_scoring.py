@@ -357,3 +357,37 @@ def test_score_input_errors(tokenizer, student_model) -> None:
         scorer.score(["q"], ["s", "t"], ["c"])
     with pytest.raises(ValueError, match="teacher"):
         scorer.score(["q"], ["s"], ["c"])
+
+
+def test_special_token_inside_explanation_takes_the_text_path(tokenizer, teacher_model, student_model) -> None:
+    """A special token sampled inside the explanation is dropped from the decoded text, so the sampled teacher
+    log-probs (conditioned on it) differ from the text path's: the row is a token mismatch and is re-scored."""
+    fmt = StratosFormat()
+    q, s = "what is 5 + 7?", "\n\n12\n\n"
+    prompt = fmt.teacher_prompt(q, s, tokenizer)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    inner = next(i for i in tokenizer.all_special_ids if i != eos)
+    head = tokenizer("we add the", add_special_tokens=False)["input_ids"]
+    tail = tokenizer(" digits <|end_of_explanation|>", add_special_tokens=False)["input_ids"]
+    comp_rows = [head + tail + [eos], head + [inner] + tail + [eos], head + tail + [inner, eos]]
+    texts = tokenizer.batch_decode(comp_rows, skip_special_tokens=True)
+    assert len(set(texts)) == 1  # the special token vanishes from the decoded text
+    prompt_ids, prompt_mask = _pad([p_ids] * 3, pad, left=True)
+    comp_ids, comp_mask = _pad(comp_rows, pad, left=False)
+    lp = causal_logprobs(
+        teacher_model, torch.cat([prompt_ids, comp_ids], 1), torch.cat([prompt_mask, comp_mask], 1), temperature=T
+    )
+    tt = teacher_logprobs_from_policy(
+        fmt, ByteOffsetsOf(tokenizer), prompt_ids, prompt_mask, comp_ids, comp_mask, texts, lp
+    )
+    assert tt.mismatch.tolist() == [False, True, False]  # after the explanation it conditions nothing scored
+    scorer = RLTScorer(student_model, tokenizer, fmt, RewardConfig(penalty_margin=None))
+    qs, ss, ps = [q] * 3, [s] * 3, [prompt] * 3
+    text_path = scorer.score(qs, ss, texts, teacher_model=teacher_model, prompts=ps)
+    mixed = scorer.score(qs, ss, texts, teacher_tokens=tt, teacher_model=teacher_model, prompts=ps)
+    assert mixed.counts["token_mismatch"] == 1 and mixed.counts["token_mismatch_unresolved"] == 0
+    torch.testing.assert_close(mixed.output.reward, text_path.output.reward, atol=1e-6, rtol=0)
+    # the sampled log-probs really differ: used as they are, the reward would depart from the text path
+    sampled_lp = tt.logprobs[1][tt.mask[1]]
+    assert not torch.allclose(sampled_lp, tt.logprobs[0][tt.mask[0]], atol=1e-4)
