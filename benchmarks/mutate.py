@@ -60,8 +60,49 @@ T_TR = (
     "tests/test_traces.py::test_rerun_with_another_lineage_is_refused_unless_restarted",
 )
 T_SIG = ("tests/test_signals.py",)
+T_UPD = ("tests/test_grpo_update.py",)
+T_SPECIAL = ("tests/test_scoring.py::test_special_token_inside_explanation_takes_the_text_path",)
+T_MERGE = ("tests/test_merge.py",)
+T_OUT = ("tests/test_output_paths.py",)
+MG, PA = "rlt_pl/merge.py", "rlt_pl/paths.py"
 
 MUTANTS = [
+    # GRPO module plumbing, pinned by a hand computation of one real step
+    Mutant(
+        "microbatch_scale_dropped",
+        "grpo_plumbing",
+        GM,
+        "                scale = len(idx) / n",
+        "                scale = 1.0",
+        T_UPD,
+    ),
+    Mutant(
+        "clip_skipped",
+        "grpo_plumbing",
+        GM,
+        "clip_grad_norm_(self.trainable_parameters(), max_norm)",
+        'clip_grad_norm_(self.trainable_parameters(), float("inf"))',
+        T_UPD,
+    ),
+    Mutant(
+        "reference_shifted",
+        "grpo_plumbing",
+        GM,
+        'buf["ref_lp"][idx][:, prompt_len:hi]',
+        'buf["ref_lp"][idx][:, prompt_len - 1 : hi - 1]',
+        T_UPD,
+    ),
+    Mutant(
+        "stats_unweighted", "grpo_plumbing", GM, "weight = float(scale) / self.num_iterations", "weight = 0.5", T_UPD
+    ),
+    # special token sampled inside an explanation
+    Mutant("special_inside_ignored", "scorer", S, "equal = equal & ~teacher_tokens.mismatch", "pass", T_SPECIAL),
+    # merged, dequantised export weights
+    Mutant("merge_scale_dropped", "export", MG, "d = (b @ a) * layer.scaling[name]", "d = b @ a", T_MERGE),
+    # output paths checked before work
+    Mutant(
+        "unwritable_accepted", "export", PA, "    except OSError as err:", "    except ZeroDivisionError as err:", T_OUT
+    ),
     # reward maths
     Mutant("kl_sign", "reward", R, "d = tea - stu  # [B, Ke]", "d = stu - tea  # [B, Ke]", T_REW),
     Mutant("reward_rkl_sign", "reward", R, "reward_with = rss - rkl + match", "reward_with = rss + rkl + match", T_REW),

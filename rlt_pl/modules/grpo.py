@@ -341,8 +341,10 @@ class GRPOModule(CausalLMModule):
                 return False, objective
             self.manual_backward(loss)
             objective = objective + loss.detach().float()
+            # a micro-batch's stats count by its share of the loss (uneven micro-batches: not a plain mean)
+            weight = float(scale) / self.num_iterations
             for k, v in out.metrics.items():
-                stats.setdefault(k, []).append(v.detach().float())
+                stats.setdefault(k, []).append(v.detach().float() * weight)
         return True, objective
 
     def _micro_step(self, buf: dict, idx: list[int], adv: Tensor, prompt_len: int):
@@ -393,7 +395,8 @@ class GRPOModule(CausalLMModule):
     # ---------------------------------------------------------------- logging
     def _log_step(self, buf, rewards, adv, stats, grad_norm, times) -> None:
         """Log step metrics over the global batch: per-completion values are gathered from all ranks (every rank
-        computes the same numbers), counts are summed, per-micro-batch stats averaged, times are the slowest rank's."""
+        computes the same numbers), counts are summed, per-micro-batch stats weighted by their share of the loss, times
+        are the slowest rank's."""
         gen: GenerationOutput = buf["gen"]
         result: RewardResult = buf["result"]
         g = self.num_generations
@@ -419,7 +422,7 @@ class GRPOModule(CausalLMModule):
         }
         names = sorted(stats)
         if names:
-            means = torch.stack([torch.stack(stats[k]).mean().cpu() for k in names])
+            means = torch.stack([torch.stack(stats[k]).sum().cpu() for k in names])  # weights sum to 1
             means = torch.tensor(all_reduce_sum(means.tolist())) / world()[1]
             metrics.update({f"train/{k}": v for k, v in zip(names, means)})
         for k in sorted(result.metrics):
