@@ -80,7 +80,7 @@ def run_rlt_pl(model_dir: Path, rows: list[dict], group: int, new_tokens: int, s
     from torch.utils.data import DataLoader
 
     from benchmarks import short_format
-    from rlt_pl.datamodules.base import collate_rows
+    from rlt_pl.datamodules.loader import collate_rows
     from rlt_pl.generation import SamplingConfig
     from rlt_pl.grpo import PolicyLossConfig
     from rlt_pl.models import ModelConfig

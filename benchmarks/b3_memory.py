@@ -44,7 +44,7 @@ def one_step(teacher_dir: str, student_dir: str, group: int, new_tokens: int, pr
 
     from benchmarks import n_params, set_threads, short_format
     from rlt_pl.callbacks import StudentRewardCallback
-    from rlt_pl.datamodules.base import collate_rows
+    from rlt_pl.datamodules.loader import collate_rows
     from rlt_pl.generation import SamplingConfig
     from rlt_pl.models import ModelConfig
     from rlt_pl.modules.teacher_rl import TeacherRLModule

@@ -42,7 +42,7 @@ R, S, SC, G, GM = (
 )
 TW, DB, TR, SD = (
     "rlt_pl/callbacks/trace_writer.py",
-    "rlt_pl/datamodules/base.py",
+    "rlt_pl/datamodules/loading.py",
     "rlt_pl/datamodules/traces.py",
     "rlt_pl/callbacks/shutdown.py",
 )

@@ -239,7 +239,7 @@ def teacher_rl(out: Path, assets: Path, kind: str) -> None:
 
 
 def _global_first_batch(data) -> list[int]:
-    from rlt_pl.datamodules.base import EpochShuffleSampler
+    from rlt_pl.datamodules.samplers import EpochShuffleSampler
 
     return list(EpochShuffleSampler(len(data.rows_for("train")), data.seed))[:4]
 

@@ -16,7 +16,8 @@ import torch
 import rlt_pl.models as models
 from rlt_pl.callbacks import StudentRewardCallback
 from rlt_pl.datamodules.addition import AdditionDataModule
-from rlt_pl.datamodules.base import RowDataModule, make_row, require_str
+from rlt_pl.datamodules.base import RowDataModule
+from rlt_pl.datamodules.loading import make_row, require_str
 from rlt_pl.formats import CompactFormat, StratosFormat
 from rlt_pl.generation import SamplingConfig
 from rlt_pl.grpo import PolicyLossConfig, group_advantages

@@ -14,7 +14,8 @@ import torch
 from rlt_pl.callbacks import ReferenceSyncCallback, StudentRewardCallback
 from rlt_pl.callbacks.checkpoint import AtomicModelCheckpoint
 from rlt_pl.datamodules.addition import AdditionDataModule
-from rlt_pl.datamodules.base import EpochShuffleSampler, ResumableDataLoader, resumable_loader
+from rlt_pl.datamodules.loader import ResumableDataLoader, resumable_loader
+from rlt_pl.datamodules.samplers import EpochShuffleSampler
 from rlt_pl.formats import CompactFormat
 from rlt_pl.generation import SamplingConfig
 from rlt_pl.models import ModelConfig
@@ -219,7 +220,7 @@ def test_rng_states_round_trip():
 
 
 def test_length_bucketing_is_deterministic_groups_lengths_and_covers_every_row():
-    from rlt_pl.datamodules.base import LengthBucketSampler
+    from rlt_pl.datamodules.samplers import LengthBucketSampler
 
     lengths = [(i * 37) % 101 for i in range(300)]
     sampler = LengthBucketSampler(lengths, batch_size=10, seed=3, window_batches=5)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import random
 
-from rlt_pl.datamodules.base import RowDataModule, make_row
+from rlt_pl.datamodules.base import RowDataModule
+from rlt_pl.datamodules.loading import make_row
 from rlt_pl.tasks.addition import EXPLANATION_KINDS, AdditionTask, generate_additions, make_explanation
 
 

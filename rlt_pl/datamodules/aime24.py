@@ -7,7 +7,8 @@ Public schema checked on the Hub card: ``id`` (int64), ``problem``, ``solution``
 
 from __future__ import annotations
 
-from rlt_pl.datamodules.base import RowDataModule, RowError, make_row, require_str
+from rlt_pl.datamodules.base import RowDataModule
+from rlt_pl.datamodules.loading import RowError, make_row, require_str
 from rlt_pl.tasks.math import MathTask
 
 

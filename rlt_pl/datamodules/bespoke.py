@@ -13,7 +13,8 @@ the solution, as in the authors' code). Unlike the authors, the Bespoke ``"\\n\\
 
 from __future__ import annotations
 
-from rlt_pl.datamodules.base import RowDataModule, RowError, make_row, require_str
+from rlt_pl.datamodules.base import RowDataModule
+from rlt_pl.datamodules.loading import RowError, make_row, require_str
 from rlt_pl.tasks.base import last_boxed
 from rlt_pl.tasks.math import MathTask
 

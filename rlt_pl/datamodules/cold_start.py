@@ -16,7 +16,8 @@ from __future__ import annotations
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader
 
-from rlt_pl.datamodules.base import RowDataModule, resumable_loader
+from rlt_pl.datamodules.base import RowDataModule
+from rlt_pl.datamodules.loader import resumable_loader
 from rlt_pl.tasks.base import Task
 
 

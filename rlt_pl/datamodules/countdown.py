@@ -5,7 +5,8 @@ seeded synthetic set from ``generate_countdown``. Train/val/test are carved by a
 
 from __future__ import annotations
 
-from rlt_pl.datamodules.base import RowDataModule, RowError, make_row
+from rlt_pl.datamodules.base import RowDataModule
+from rlt_pl.datamodules.loading import RowError, make_row
 from rlt_pl.tasks.countdown import CountdownTask, format_countdown_question, generate_countdown
 
 

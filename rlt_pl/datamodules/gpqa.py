@@ -7,7 +7,8 @@ per question by ``GPQATask`` (seeded by Record ID + ``seed``); the row's ``answe
 
 from __future__ import annotations
 
-from rlt_pl.datamodules.base import RowDataModule, RowError, make_row, require_str
+from rlt_pl.datamodules.base import RowDataModule
+from rlt_pl.datamodules.loading import RowError, make_row, require_str
 from rlt_pl.tasks.gpqa import GPQATask
 
 INCORRECT_FIELDS = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from rlt_pl.datamodules.base import RowDataModule, RowError, read_local_rows, require_str, resumable_loader
+from rlt_pl.datamodules.base import RowDataModule
+from rlt_pl.datamodules.loader import resumable_loader
+from rlt_pl.datamodules.loading import RowError, read_local_rows, require_str
 from rlt_pl.datamodules.multi import MultiBenchmarkDataModule
 from rlt_pl.tasks.base import Task
 
