@@ -264,6 +264,20 @@ def test_nonfinite_reward_skips_the_step_and_is_logged(compact):
     assert any(not torch.equal(v, before[k]) for k, v in module.model.state_dict().items())
 
 
+def test_nonfinite_budget_is_restored_on_resume(compact, tmp_path):
+    """The skipped-step count is part of the checkpoint: a resumed run keeps spending the same budget."""
+    module, trainer, _ = _grpo_fit(compact, _FlakyReward({1}), max_steps=2, max_nonfinite=3)
+    trainer.fit(module, AdditionDataModule(num_train=16, num_heldout=4, batch_size=2))
+    assert module.nonfinite_steps == 1
+    ckpt = tmp_path / "skipped.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed, trainer2, skips = _grpo_fit(compact, _FlakyReward(set()), max_steps=3, max_nonfinite=3)
+    trainer2.fit(resumed, AdditionDataModule(num_train=16, num_heldout=4, batch_size=2), ckpt_path=ckpt)
+    assert trainer2.global_step == 3
+    assert resumed.nonfinite_steps == 1  # restored, not reset to 0 (and no new skip)
+    assert skips.skipped == [0.0]  # the one resumed step was not skipped
+
+
 def test_too_many_nonfinite_steps_stop_the_run(compact):
     module, trainer, skips = _grpo_fit(compact, _FlakyReward(set(range(100))), max_steps=10, max_nonfinite=2)
     with pytest.raises(RuntimeError, match="max_nonfinite_steps=2"):
