@@ -95,6 +95,14 @@ MUTANTS = [
     Mutant(
         "stats_unweighted", "grpo_plumbing", GM, "weight = float(scale) / self.num_iterations", "weight = 0.5", T_UPD
     ),
+    Mutant(
+        "nonfinite_budget_not_restored",
+        "resume",
+        GM,
+        '        self.nonfinite_steps = state.get("nonfinite_steps", 0)',
+        "        pass",
+        ("tests/test_bad_input.py::test_nonfinite_budget_is_restored_on_resume",),
+    ),
     # special token sampled inside an explanation
     Mutant("special_inside_ignored", "scorer", S, "equal = equal & ~teacher_tokens.mismatch", "pass", T_SPECIAL),
     # merged, dequantised export weights
