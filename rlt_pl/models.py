@@ -293,7 +293,9 @@ def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedMod
         The model, a `peft.PeftModel` when `config.lora` is set and `trainable`.
     """
     config.validate()
-    if trainable and config.quantization is not None and config.lora is None:
+    path = resolve_name_or_path(config.name_or_path)
+    adapter = _adapter_dir(path) if trainable else None  # frozen: transformers loads base + adapter itself
+    if trainable and config.quantization is not None and config.lora is None and adapter is None:
         raise ValueError(
             f"model.quantization={config.quantization!r} weights cannot be trained directly; set model.lora (QLoRA)"
         )
@@ -309,7 +311,9 @@ def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedMod
         kwargs["quantization_config"] = quant
         # bitsandbytes weights cannot be moved after loading: place them on this rank's device now.
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(resolve_name_or_path(config.name_or_path), **kwargs)
+    if adapter is not None:  # an adapter-only export seeding this stage: its base, then the adapter, trainable
+        return _load_adapter_export(config, adapter, kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
     if not trainable:
         model.eval()
@@ -327,6 +331,38 @@ def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedMod
         model.train()
     if config.compile:
         model.compile()  # in place: the module keeps its type, so peft / save_pretrained still work
+    return model
+
+
+def _adapter_dir(path: str) -> Path | None:
+    """The folder when `path` is a local LoRA adapter export (`adapter_config.json`, no full weights), else None."""
+    folder = Path(path)
+    return folder if (folder / "adapter_config.json").is_file() else None
+
+
+def _load_adapter_export(config: ModelConfig, adapter: Path, kwargs: dict) -> torch.nn.Module:
+    """Load an adapter-only export on top of the base it names, trainable, so it can seed the next training stage.
+
+    The adapter's LoRA parameters train, and only they; `model.lora`, if set, must agree with the adapter's rank and
+    alpha (the adapter's own config is what is loaded)."""
+    peft = _peft()
+    saved = peft.PeftConfig.from_pretrained(str(adapter))
+    if config.lora is not None and (config.lora.r, config.lora.alpha) != (saved.r, saved.lora_alpha):
+        raise ValueError(
+            f"model.lora (r={config.lora.r}, alpha={config.lora.alpha}) differs from the adapter at "
+            f"{config.name_or_path} (r={saved.r}, alpha={saved.lora_alpha}); drop model.lora or match it"
+        )
+    base = AutoModelForCausalLM.from_pretrained(resolve_name_or_path(saved.base_model_name_or_path), **kwargs)
+    if config.quantization is not None:
+        base.requires_grad_(False)
+        _keep_cpu_kbit_layout(base)
+    if config.gradient_checkpointing:
+        _enable_checkpointing(base)
+        base.enable_input_require_grads()
+    model = peft.PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    model.train()
+    if config.compile:
+        model.compile()
     return model
 
 

@@ -240,3 +240,32 @@ def test_qlora_load_and_train_gpu(tiny_dirs):
     assert any(not torch.equal(b, p) for b, p in zip(before, trainable))
     with reference_mode(model):
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_adapter_export_seeds_the_next_stage_trainable(tiny_dirs, tokenizer, tmp_path):
+    """An adapter-only export loads trainable (its LoRA weights, and only they) and trains on; a frozen load is
+    frozen. Without this the export loaded with a frozen adapter and could not seed the next stage."""
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0)
+    trained = load_causal_lm(ModelConfig(str(tiny_dirs["teacher"]), dtype="float32", lora=lora))
+    with torch.no_grad():  # stand-in for a trained adapter: lora_B away from its zero init
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    saved = {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}
+    out = export_model(trained, tokenizer, tmp_path / "adapter")
+    assert (out / "adapter_config.json").is_file()
+
+    seeded = load_causal_lm(ModelConfig(str(out), dtype="float32"), trainable=True)
+    trainable = {n: p for n, p in seeded.named_parameters() if p.requires_grad}
+    assert sorted(trainable) == sorted(saved)  # exactly the adapter's LoRA weights
+    for name, p in trainable.items():
+        torch.testing.assert_close(p, saved[name], rtol=0, atol=0)
+    ids = torch.tensor([tokenizer("1+2=3").input_ids])
+    seeded(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.SGD(trainable.values(), lr=1.0).step()
+    assert any(not torch.equal(p, saved[n]) for n, p in trainable.items())
+
+    frozen = load_causal_lm(ModelConfig(str(out), dtype="float32"), trainable=False)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    with pytest.raises(ValueError, match="model.lora"):
+        load_causal_lm(ModelConfig(str(out), dtype="float32", lora=LoraConfig(r=8, alpha=8)), trainable=True)
