@@ -312,7 +312,7 @@ def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedMod
         # bitsandbytes weights cannot be moved after loading: place them on this rank's device now.
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     if adapter is not None:  # an adapter-only export seeding this stage: its base, then the adapter, trainable
-        return _load_adapter_export(config, adapter, kwargs)
+        path = resolve_name_or_path(_adapter_base(config, adapter))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
     if not trainable:
@@ -324,10 +324,13 @@ def load_causal_lm(config: ModelConfig, trainable: bool = True) -> PreTrainedMod
             _keep_cpu_kbit_layout(model)
         if config.gradient_checkpointing:
             _enable_checkpointing(model)
-        if config.lora is not None:
+        if config.lora is not None or adapter is not None:
             if config.gradient_checkpointing:
                 model.enable_input_require_grads()  # frozen embeddings: keep a grad path into checkpointed layers
-            model = _peft().get_peft_model(model, config.lora.to_peft())
+            if adapter is not None:  # the saved adapter's own config; only its LoRA weights train
+                model = _peft().PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+            else:
+                model = _peft().get_peft_model(model, config.lora.to_peft())
         model.train()
     if config.compile:
         model.compile()  # in place: the module keeps its type, so peft / save_pretrained still work
@@ -340,30 +343,16 @@ def _adapter_dir(path: str) -> Path | None:
     return folder if (folder / "adapter_config.json").is_file() else None
 
 
-def _load_adapter_export(config: ModelConfig, adapter: Path, kwargs: dict) -> torch.nn.Module:
-    """Load an adapter-only export on top of the base it names, trainable, so it can seed the next training stage.
-
-    The adapter's LoRA parameters train, and only they; `model.lora`, if set, must agree with the adapter's rank and
-    alpha (the adapter's own config is what is loaded)."""
-    peft = _peft()
-    saved = peft.PeftConfig.from_pretrained(str(adapter))
+def _adapter_base(config: ModelConfig, adapter: Path) -> str:
+    """The base model an adapter-only export was trained on; `model.lora`, if set, must agree with the adapter's rank
+    and alpha (the adapter's own config is what is loaded)."""
+    saved = _peft().PeftConfig.from_pretrained(str(adapter))
     if config.lora is not None and (config.lora.r, config.lora.alpha) != (saved.r, saved.lora_alpha):
         raise ValueError(
             f"model.lora (r={config.lora.r}, alpha={config.lora.alpha}) differs from the adapter at "
             f"{config.name_or_path} (r={saved.r}, alpha={saved.lora_alpha}); drop model.lora or match it"
         )
-    base = AutoModelForCausalLM.from_pretrained(resolve_name_or_path(saved.base_model_name_or_path), **kwargs)
-    if config.quantization is not None:
-        base.requires_grad_(False)
-        _keep_cpu_kbit_layout(base)
-    if config.gradient_checkpointing:
-        _enable_checkpointing(base)
-        base.enable_input_require_grads()
-    model = peft.PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
-    model.train()
-    if config.compile:
-        model.compile()
-    return model
+    return saved.base_model_name_or_path
 
 
 def is_lora(model: torch.nn.Module) -> bool:
