@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from lightning.pytorch import Callback
 
-from rlt_pl.modules.grpo import GRPOModule
+
+@runtime_checkable
+class HasReference(Protocol):
+    """What the sync needs of a module (GRPOModule provides it); callbacks depend on this, not on `rlt_pl.modules`."""
+
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None
+    reference: str
+    ref_synced: bool
 
 
 def sync_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: float) -> None:
@@ -34,7 +44,7 @@ class ReferenceSyncCallback(Callback):
         self.syncs = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if not isinstance(pl_module, GRPOModule) or pl_module.reference != "copy":
+        if not isinstance(pl_module, HasReference) or pl_module.reference != "copy":
             raise ValueError("ReferenceSyncCallback needs model.init_args.reference: copy (a separate reference model)")
         pl_module.ref_synced = True  # the reference will diverge from its source: keep it in checkpoints
 

@@ -185,13 +185,11 @@ class TraceWriter(BasePredictionWriter):
         return ids
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        from rlt_pl.modules.base import lineage
-
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.output_dir.glob(".shard-*.tmp"):  # left by a run killed mid-write; never a finished shard
             stale.unlink(missing_ok=True)
-        extra = {"output_dir": str(self.output_dir), "num_samples": int(getattr(pl_module, "predict_num_samples", 1))}
-        info = json.loads(json.dumps(lineage(pl_module, extra)))  # compared as stored (tuples -> lists)
+        # compared as stored (tuples -> lists)
+        info = json.loads(json.dumps(pl_module.lineage({"output_dir": str(self.output_dir)})))
         old_file = self.output_dir / "lineage.json"
         finished = list(self.output_dir.glob("shard-*.json*"))
         if finished and self.restart:

@@ -212,6 +212,19 @@ class CausalLMModule(LightningModule):
     def generate(self, prompts: Sequence[str], n: int = 1, sampling: SamplingConfig | None = None):
         return self.engine.generate(self.model, self.tokenizer, prompts, n, sampling or self.sampling)
 
+    def lineage(self, extra: dict | None = None) -> dict:
+        """Where generated data came from: model path + hash, sampling settings, format, time (+ `extra`)."""
+        path = self.model_config.name_or_path
+        info = {
+            "model": path,
+            "model_sha256": file_digest(path) if Path(path).exists() else None,
+            "sampling": asdict(self.sampling),
+            "format": type(self.format).__name__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        info.update(extra or {})
+        return info
+
     def log_text(self, tag: str, text: str) -> None:
         """Write a text entry to TensorBoard (no-op for loggers without `add_text`)."""
         logger = self.logger
@@ -247,17 +260,3 @@ def file_digest(path: str | Path, limit_bytes: int = 1 << 26) -> str:
             with open(f, "rb") as fh:
                 h.update(fh.read(limit_bytes))
     return h.hexdigest()[:16]
-
-
-def lineage(module: CausalLMModule, extra: dict | None = None) -> dict:
-    """Where generated data came from: model path + hash, sampling settings, time."""
-    path = module.model_config.name_or_path
-    info = {
-        "model": path,
-        "model_sha256": file_digest(path) if Path(path).exists() else None,
-        "sampling": asdict(module.sampling),
-        "format": type(module.format).__name__,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    info.update(extra or {})
-    return info

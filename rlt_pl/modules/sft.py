@@ -221,6 +221,9 @@ class TeacherSFTModule(SFTModule):
             raise ValueError("model.init_args.predict_num_samples must be >= 1")
         self.predict_num_samples = predict_num_samples
 
+    def lineage(self, extra: dict | None = None) -> dict:
+        return super().lineage({"num_samples": self.predict_num_samples, **(extra or {})})
+
     def render(self, row: dict) -> Rendered:
         thought = row.get("thought")
         if thought is None:
