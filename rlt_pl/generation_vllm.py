@@ -41,7 +41,7 @@ from rlt_pl.merge import merged_weights
 
 log = logging.getLogger(__name__)
 
-VLLM_REQUIREMENT = "vllm>=0.17.0,<=0.25.1"  # keep equal to pyproject's `vllm` extra (tests/test_generation_vllm.py)
+VLLM_REQUIREMENT = "vllm>=0.27.0,<0.31"  # keep equal to pyproject's `vllm` extra (tests/test_generation_vllm.py)
 _MISSING = "VLLMGenerationEngine needs vLLM: pip install 'rlt_pl[vllm]' ({req}), or set engine.init_args.fallback_to_hf"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # wrapper prefixes that never exist in the HF checkpoint: activation checkpointing, FSDP1, torch.compile, peft

@@ -33,7 +33,7 @@ def _stub_vllm(events: list) -> types.ModuleType:
     """A fake `vllm`: `LLM` and `SamplingParams` record every call in `events`; the driver model keeps what
     `load_weights` received; `generate` answers row i with tokens 7, 8 and, on even rows, the tokenizer's EOS."""
     mod = types.ModuleType("vllm")
-    mod.__version__ = "0.25.1"
+    mod.__version__ = "0.30.0"
 
     class SamplingParams:
         def __init__(self, **kwargs):
