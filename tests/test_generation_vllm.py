@@ -179,6 +179,12 @@ def test_engine_is_in_process_and_outputs_grpo_tensors(stub, teacher_model, toke
     assert out.completion_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]
     assert out.finished.tolist() == [True, False, True, False]
     assert out.prompt_mask[2, 0] == 0 and out.prompt_mask[0].all()  # left-padded prompts
+    pushed = dict(llm.model.loaded)  # an fp32 policy reaches the engine in the engine's dtype
+    assert pushed.keys() == teacher_model.state_dict().keys()
+    assert all(
+        t.dtype == torch.bfloat16 and torch.equal(t, teacher_model.state_dict()[n].bfloat16())
+        for n, t in pushed.items()
+    )
 
 
 def test_requests_longer_than_the_engine_are_refused(stub, teacher_model, tokenizer):
@@ -320,3 +326,10 @@ def test_qlora_sync_pushes_dense_merged_bf16_and_leaves_the_reference_bit_identi
         assert torch.equal(model(input_ids=IDS).logits, policy0), "the policy changed"
         with reference_mode(model):
             assert torch.equal(model(input_ids=IDS).logits, ref0), "the adapter-off reference drifted"
+
+
+def test_missing_vllm_names_the_extra_and_the_range(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(ImportError, match=re.escape(f"pip install 'rlt_pl[vllm]' ({VLLM_REQUIREMENT})")):
+        VLLMGenerationEngine()
+    assert VLLMGenerationEngine(fallback_to_hf=True).fallback is not None
