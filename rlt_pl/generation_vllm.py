@@ -75,20 +75,13 @@ def vllm_weight_name(name: str) -> str | None:
     return name
 
 
-def _full(tensor: Tensor) -> Tensor:
-    """A plain dense tensor: an FSDP2 `DTensor` shard is all-gathered (every rank takes part)."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 def sync_tensors(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
     """`(checkpoint name, dense tensor)` pairs to push into vLLM: `merged_weights(model, dtype)` (LoRA merged, 4-bit
-    dequantised, out of place) under vLLM's names, FSDP2 shards gathered, floating tensors in `dtype`."""
+    dequantised, FSDP2 shards gathered, out of place) under vLLM's names, floating tensors in `dtype`."""
     for name, tensor in merged_weights(model, dtype):
         target = vllm_weight_name(name)
         if target is not None:
-            yield target, _full(tensor).contiguous()
+            yield target, tensor.contiguous()
 
 
 _MAPPED_FIELDS = {

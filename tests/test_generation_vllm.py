@@ -333,3 +333,55 @@ def test_missing_vllm_names_the_extra_and_the_range(monkeypatch):
     with pytest.raises(ImportError, match=re.escape(f"pip install 'rlt_pl[vllm]' ({VLLM_REQUIREMENT})")):
         VLLMGenerationEngine()
     assert VLLMGenerationEngine(fallback_to_hf=True).fallback is not None
+
+
+_FSDP_RANK = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from rlt_pl.distributed import shard_model
+from rlt_pl.generation_vllm import sync_tensors, vllm_weight_name
+from rlt_pl.merge import merged_weights
+from rlt_pl.models import LoraConfig, ModelConfig, load_causal_lm
+dist.init_process_group("gloo")
+torch.manual_seed(0)  # the same LoRA init on every rank, as seed_everything gives a run
+model = load_causal_lm(ModelConfig(sys.argv[1], dtype="float32", lora=LoraConfig(r=4)))
+gen = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+want = {vllm_weight_name(n): t.clone() for n, t in merged_weights(model, torch.float32)}
+shard_model(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+assert any(isinstance(p, DTensor) for p in model.parameters())
+got = list(sync_tensors(model, torch.float32))
+assert [n for n, _ in got] == list(want), "names"
+assert not any(isinstance(t, DTensor) for _, t in got), "a shard was pushed"
+assert all(t.shape == want[n].shape for n, t in got), "shapes"
+err = max((t - want[n]).abs().max().item() for n, t in got)
+assert err < 1e-6, err
+print("OK", len(got), err)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # two processes: ~90 s on 2 loaded cores
+def test_fsdp2_sync_pushes_gathered_full_tensors(tiny_dirs, tmp_path):
+    """Under FSDP2 (2 CPU processes, gloo) every pushed tensor is the full, merged tensor under its checkpoint name
+    (equal to the unsharded model's merged weights), never a DTensor shard."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+        env |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-c", _FSDP_RANK, str(tiny_dirs["teacher"])]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        assert "OK" in out
