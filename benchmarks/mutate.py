@@ -146,6 +146,7 @@ MUTANTS = [
         T_VLLM,
     ),
     Mutant("vllm_level2_kept", "vllm", GV, "self._synced_version = None  # level 2", "pass  #", T_VLLM),
+    Mutant("step_not_announced", "vllm", GM, "        self.engine.weights_changed()", "        pass", T_VLLM),
     Mutant(
         "fsdp_shards_not_gathered",
         "vllm",

@@ -385,3 +385,52 @@ def test_fsdp2_sync_pushes_gathered_full_tensors(tiny_dirs, tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
         assert "OK" in out
+
+
+def test_grpo_module_pushes_once_per_generation_round(stub, compact_teacher):
+    """In a real GRPO run (μ = 2: two optimizer steps per generation round) the module tells the engine after every
+    optimizer step and the engine pushes only before a round that follows a step, the push carrying the moved
+    policy."""
+    import lightning as L
+
+    from rlt_pl.datamodules.addition import AdditionDataModule
+    from rlt_pl.formats import CompactFormat
+    from rlt_pl.grpo import PolicyLossConfig
+    from rlt_pl.modules.grpo import GRPOModule, Reward, RewardResult
+
+    class Length(Reward):  # the stub's completions alternate 2 and 4 tokens: non-zero advantages
+        def __call__(self, module, rows, gen, policy_logprobs) -> RewardResult:
+            return RewardResult(gen.completion_mask.sum(-1).float())
+
+    L.seed_everything(0)
+    engine = _engine(sleep_level=1)
+    module = GRPOModule(
+        ModelConfig(compact_teacher, dtype="float32"),
+        reward=Length(),
+        format=CompactFormat(),
+        num_generations=4,
+        micro_batch_size=8,
+        num_iterations=2,
+        lr=3e-2,
+        loss=PolicyLossConfig(beta=0.0, clip_eps_low=0.2),
+        reference="none",
+        sampling=SamplingConfig(max_new_tokens=8, temperature=1.0),
+        sample_table_every_n_steps=0,
+        engine=engine,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, AdditionDataModule(num_train=16, num_heldout=4, batch_size=2))
+    # the sanity-check validation (2 batches) and the first training round see the same weights: one push for three
+    assert [e[1] for e in _names(stub.events, "generate")] == [2, 2, 8, 8] and trainer.global_step == 4
+    assert engine._policy_version == 4 and engine.syncs == 2
+    loaded = stub.mod.instances[0].model.loaded
+    first, second = dict(loaded[: len(loaded) // 2]), dict(loaded[len(loaded) // 2 :])
+    assert first.keys() == second.keys() == module.model.state_dict().keys()
+    assert sum(not torch.equal(first[k], second[k]) for k in first) >= 7  # the policy moved between the rounds
