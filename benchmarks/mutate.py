@@ -65,6 +65,9 @@ T_SPECIAL = ("tests/test_scoring.py::test_special_token_inside_explanation_takes
 T_MERGE = ("tests/test_merge.py",)
 T_OUT = ("tests/test_output_paths.py",)
 MG, PA = "rlt_pl/merge.py", "rlt_pl/paths.py"
+GV = "rlt_pl/generation_vllm.py"
+T_VLLM = ("tests/test_generation_vllm.py", "-m", "not slow")
+_SYNC_LOOP = "    for name, tensor in merged_weights(model, dtype):\n"
 
 MUTANTS = [
     # GRPO module plumbing, pinned by a hand computation of one real step
@@ -107,6 +110,51 @@ MUTANTS = [
     Mutant("special_inside_ignored", "scorer", S, "equal = equal & ~teacher_tokens.mismatch", "pass", T_SPECIAL),
     # merged, dequantised export weights
     Mutant("merge_scale_dropped", "export", MG, "d = (b @ a) * layer.scaling[name]", "d = b @ a", T_MERGE),
+    # vLLM engine (against the stub vllm module): what is pushed, when, and in which order
+    Mutant(
+        "vllm_packed_weights",
+        "vllm",
+        GV,
+        _SYNC_LOOP,
+        _SYNC_LOOP.replace("merged_weights(model, dtype)", "model.state_dict().items()"),
+        T_VLLM,
+    ),
+    Mutant(
+        "vllm_inplace_merge",
+        "vllm",
+        GV,
+        _SYNC_LOOP,
+        "    model.merge_adapter()\n    model.unmerge_adapter()\n" + _SYNC_LOOP,
+        (*T_VLLM, "-k", "qlora"),
+    ),
+    Mutant("vllm_engine_dtype_ignored", "vllm", GV, _SYNC_LOOP, _SYNC_LOOP.replace("dtype)", "None)"), T_VLLM),
+    Mutant("vllm_no_reset_after_sync", "vllm", GV, "llm.reset_prefix_cache()  # cached", "pass  #", T_VLLM),
+    Mutant(
+        "vllm_load_before_wake",
+        "vllm",
+        GV,
+        '        self._wake(llm, "weights")\n        target = driver_model(llm)',
+        "        target = driver_model(llm)",
+        T_VLLM,
+    ),
+    Mutant(
+        "vllm_sync_every_round",
+        "vllm",
+        GV,
+        "        if self._synced_version != self._policy_version:\n            self.sync_weights(model)",
+        "        self.sync_weights(model)",
+        T_VLLM,
+    ),
+    Mutant("vllm_level2_kept", "vllm", GV, "self._synced_version = None  # level 2", "pass  #", T_VLLM),
+    Mutant("step_not_announced", "vllm", GM, "        self.engine.weights_changed()", "        pass", T_VLLM),
+    Mutant(
+        "fsdp_shards_not_gathered",
+        "vllm",
+        MG,
+        "    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor",
+        "    return tensor",
+        ("tests/test_generation_vllm.py::test_fsdp2_sync_pushes_gathered_full_tensors",),
+    ),
     # output paths checked before work
     Mutant(
         "unwritable_accepted", "export", PA, "    except OSError as err:", "    except ZeroDivisionError as err:", T_OUT

@@ -3,9 +3,10 @@
 `merged_weights(model)` yields `(name, tensor)` pairs under the plain Hugging Face names of the base architecture
 (the keys of its unquantized `state_dict`): a plain model's tensors as they are; a LoRA-wrapped linear layer as
 W + scale·B·A (peft's LoRA, arXiv 2106.09685; scale = alpha / r); a bitsandbytes NF4 weight dequantised first
-(`bitsandbytes.functional.dequantize_4bit`). Nothing is merged into the model: its parameters, and so the
-adapter-off reference, stay bit-identical (an in-place merge/unmerge on a 4-bit base re-quantises and drifts).
-Used to push weights into vLLM and to export a QLoRA model as a plain checkpoint.
+(`bitsandbytes.functional.dequantize_4bit`); FSDP2 shards gathered (`full_tensor`) before merging. Nothing is
+merged into the model: its parameters, and so the adapter-off reference, stay bit-identical (an in-place
+merge/unmerge on a 4-bit base re-quantises and drifts). Used to push weights into vLLM and to export a QLoRA model
+as a plain checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from torch import Tensor
 def hf_weight_name(name: str) -> str:
     """A peft parameter name mapped to the base model's name ("base_model.model." and ".base_layer" dropped)."""
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor: an FSDP2 `DTensor` shard is all-gathered (a collective: every rank calls it in the same
+    order); a plain tensor is returned as is. Merging is done on gathered tensors, not on shards."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _is_lora_layer(module: torch.nn.Module) -> bool:
@@ -48,7 +57,7 @@ def dense_weight(linear: torch.nn.Module) -> Tensor:
         return bnbf.dequantize_4bit(weight.data, weight.quant_state)
     if _is_8bit_linear(linear):
         raise ValueError("merged weights of an 8-bit base are not supported; use model.quantization: 4bit")
-    return linear.weight.detach()
+    return full_tensor(linear.weight.detach())
 
 
 def lora_delta(layer: torch.nn.Module) -> Tensor | None:
@@ -62,8 +71,8 @@ def lora_delta(layer: torch.nn.Module) -> Tensor | None:
             continue
         if layer.use_dora.get(name, False):
             raise ValueError(f"adapter {name!r} uses DoRA; merged weights support plain LoRA only")
-        a = layer.lora_A[name].weight.detach().float()
-        b = layer.lora_B[name].weight.detach().float()
+        a = full_tensor(layer.lora_A[name].weight.detach()).float()
+        b = full_tensor(layer.lora_B[name].weight.detach()).float()
         d = (b @ a) * layer.scaling[name]
         if layer.fan_in_fan_out:
             d = d.T
@@ -80,7 +89,7 @@ def _merged_linear(layer: torch.nn.Module, prefix: str, dtype: torch.dtype | Non
         weight = weight.float() + delta.to(weight.device)
     yield prefix + "weight", weight.to(out_dtype)
     if base.bias is not None:
-        yield prefix + "bias", base.bias.detach().to(out_dtype)
+        yield prefix + "bias", full_tensor(base.bias.detach()).to(out_dtype)
 
 
 def _walk(module: torch.nn.Module, prefix: str, dtype: torch.dtype | None) -> Iterator[tuple[str, Tensor]]:
@@ -95,9 +104,11 @@ def _walk(module: torch.nn.Module, prefix: str, dtype: torch.dtype | None) -> It
         return
     for name, param in module._parameters.items():
         if param is not None:
-            yield prefix + name, (param.detach() if dtype is None else param.detach().to(dtype))
+            param = full_tensor(param.detach())
+            yield prefix + name, (param if dtype is None else param.to(dtype))
     for name, buf in module._buffers.items():
         if buf is not None and name not in module._non_persistent_buffers_set:
+            buf = full_tensor(buf)
             yield prefix + name, buf if dtype is None or not buf.is_floating_point() else buf.to(dtype)
     for name, child in module._modules.items():
         if child is not None:
