@@ -46,14 +46,16 @@ def _kill_linear(ckpts: Path, callback: str) -> None:
 
 def test_checkpoint_killed_mid_write_keeps_the_last_published_one(tmp_path):
     """Killed halfway through writing step 3's `last.ckpt`: `last.ckpt` is step 2's, whole; the torn bytes sit only
-    in `last.ckpt.partial`, which the resume ignores; the resumed run ends with the uninterrupted run's weights."""
+    in `last.ckpt.partial`, which the resume ignores; the resumed run never writes a final name in place (it would be
+    killed) and ends with the uninterrupted run's weights."""
     ckpts = tmp_path / "ckpts"
     _kill_linear(ckpts, "atomic")
     torn = ckpts / f"last.ckpt{PARTIAL_SUFFIX}"
     assert torn.exists() and _loads(torn) is None  # the kill did land mid-write
     assert _loads(ckpts / "last.ckpt") == KILL_AT - 1
 
-    resumed = _run(tmp_path, "", 0, "linear", str(ckpts), str(STEPS), "atomic")
+    # the resumed run dies on any write to a final name: a checkpoint may reach it only by rename
+    resumed = _run(tmp_path, f"*/{ckpts.name}/*.ckpt", 1, "linear", str(ckpts), str(STEPS), "atomic")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = torch.load(ckpts / "last.ckpt", weights_only=True)
     assert final["global_step"] == STEPS
@@ -103,7 +105,8 @@ def _shard_rows(out: Path) -> list[dict]:
 
 def test_trace_shard_killed_mid_write_is_never_read(tmp_path):
     """`predict` dies halfway through writing the third shard's bytes: every `shard-*.jsonl` present parses whole
-    (the half is in a hidden temp file), and the rerun removes it and writes the 40 rows exactly once."""
+    (the half is in a hidden temp file), and the rerun removes it, never writes a shard's final name in place (it
+    would be killed) and writes the 40 rows exactly once."""
     dirs = build_compact_assets(tmp_path / "tiny", CompactFormat().tag_tokens(), seed=0)
     out = tmp_path / "traces"
     config = tmp_path / "predict.yaml"
@@ -116,7 +119,8 @@ def test_trace_shard_killed_mid_write_is_never_read(tmp_path):
     torn = list(out.glob(".shard-00002.jsonl.*"))
     assert len(torn) == 1 and 0 < torn[0].stat().st_size  # the kill did land mid-write
 
-    rerun = _run(tmp_path, "", 0, "cli", "predict", "-c", str(config))
+    # the rerun dies on any write to a shard's final name: a shard may reach it only by rename
+    rerun = _run(tmp_path, "*/traces/shard-*.jsonl", 1, "cli", "predict", "-c", str(config))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     ids = [r["id"] for r in _shard_rows(out)]
     assert sorted(ids) == sorted(f"add-train-{i}" for i in range(40))
