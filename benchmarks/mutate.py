@@ -354,6 +354,14 @@ MUTANTS = [
         '            self.config_init[subcommand]["ckpt_path"] = None',
         T_CLI_RESUME,
     ),
+    Mutant(
+        "resume_rng_not_restored",
+        "resume",
+        GM,
+        "            restore_rng_states(self._pending_rng)\n            self._pending_rng = None",
+        "            self._pending_rng = None",
+        T_CLI_RESUME,
+    ),
     # signals
     Mutant("sig_exit_zero", "signals", SD, "exception.code = 128 + int(signum)", "pass", T_SIG),
     Mutant("sig_no_checkpoint", "signals", SD, "        trainer.save_checkpoint(partial)\n", "        return\n", T_SIG),

@@ -126,6 +126,8 @@ def _cli(dirpath: str, *extra: str) -> list[str]:
         "--trainer.callbacks.every_n_train_steps=1",
         "--trainer.callbacks.save_last=true",
         "--trainer.callbacks.save_top_k=-1",
+        # a run that started afresh overwrites the same names: only which steps it wrote tells it from a resumed one
+        "--trainer.callbacks.enable_version_counter=false",
         *extra,
     ]
 
