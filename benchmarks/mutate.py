@@ -64,10 +64,13 @@ T_UPD = ("tests/test_grpo_update.py",)
 T_SPECIAL = ("tests/test_scoring.py::test_special_token_inside_explanation_takes_the_text_path",)
 T_MERGE = ("tests/test_merge.py",)
 T_OUT = ("tests/test_output_paths.py",)
-MG, PA = "rlt_pl/merge.py", "rlt_pl/paths.py"
+MG, PA, CK, CLI = "rlt_pl/merge.py", "rlt_pl/paths.py", "rlt_pl/callbacks/checkpoint.py", "rlt_pl/cli.py"
 GV = "rlt_pl/generation_vllm.py"
 T_VLLM = ("tests/test_generation_vllm.py", "-m", "not slow")
 _SYNC_LOOP = "    for name, tensor in merged_weights(model, dtype):\n"
+T_TORN_SHARD = ("tests/test_file_faults.py::test_trace_shard_killed_mid_write_is_never_read",)
+T_TORN_CKPT = ("tests/test_file_faults.py::test_checkpoint_killed_mid_write_keeps_the_last_published_one",)
+T_CLI_RESUME = ("tests/test_fault_injection.py::test_sigkill_then_resume_equals_the_uninterrupted_run",)
 
 MUTANTS = [
     # GRPO module plumbing, pinned by a hand computation of one real step
@@ -357,6 +360,55 @@ MUTANTS = [
         "        if dropped:  # before the shard",
         "        if False:  # before the shard",
         T_TR,
+    ),
+    # writes killed halfway at the file layer (tests/file_faults.py)
+    Mutant(
+        "trace_shard_in_place",
+        "traces",
+        TW,
+        '    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")',
+        "    fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), str(path)",
+        T_TORN_SHARD,
+    ),
+    Mutant(
+        "trace_shard_moved",
+        "traces",
+        TW,
+        "        os.replace(tmp, path)",
+        '        __import__("shutil").move(tmp, path)',
+        T_TORN_SHARD,
+    ),
+    Mutant(
+        "ckpt_saved_in_place",
+        "checkpoint",
+        CK,
+        "        partial = filepath + PARTIAL_SUFFIX",
+        "        partial = filepath",
+        T_TORN_CKPT,
+    ),
+    Mutant(
+        "ckpt_published_by_copy",
+        "checkpoint",
+        CK,
+        "        _fsync_path(partial)\n        os.replace(partial, final)",
+        "        _fsync_path(partial)\n        shutil.copyfile(partial, final)",
+        T_TORN_CKPT,
+    ),
+    Mutant(
+        "ckpt_path_ignored",
+        "resume",
+        CLI,
+        '            check_ckpt_path_last(self.trainer, self.config[subcommand].get("ckpt_path"))',
+        '            self.config_init[subcommand]["ckpt_path"] = None',
+        T_CLI_RESUME,
+    ),
+    Mutant(
+        "resume_rng_not_restored",
+        "resume",
+        GM,
+        "            restore_rng_states(self._pending_rng)\n            self._pending_rng = None",
+        "            self._pending_rng = None",
+        T_CLI_RESUME,
     ),
     # signals
     Mutant("sig_exit_zero", "signals", SD, "exception.code = 128 + int(signum)", "pass", T_SIG),

@@ -1,5 +1,6 @@
 """Faults: a checkpoint save that dies midway never leaves a partial file under the final name, and a training run
-SIGKILLed at a random point after its first checkpoint resumes with `--ckpt_path` and completes."""
+SIGKILLed at a random point after its first checkpoint resumes with `--ckpt_path` to the uninterrupted run's
+weights."""
 
 from __future__ import annotations
 
@@ -105,7 +106,10 @@ def test_leftover_partial_is_ignored_by_last_and_overwritten(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- SIGKILL
-def _cli(cwd: Path, *extra: str) -> list[str]:
+CLI_STEPS = 12
+
+
+def _cli(dirpath: str, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -113,27 +117,40 @@ def _cli(cwd: Path, *extra: str) -> list[str]:
         "fit",
         "-c",
         "configs/teacher/rlt_tiny.yaml",
-        "--trainer.max_steps=20",
+        f"--trainer.max_steps={CLI_STEPS}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=true",
         "--trainer.callbacks+=rlt_pl.callbacks.checkpoint.AtomicModelCheckpoint",
-        "--trainer.callbacks.dirpath=ckpts",
+        f"--trainer.callbacks.dirpath={dirpath}",
+        "--trainer.callbacks.filename={step}",
         "--trainer.callbacks.every_n_train_steps=1",
         "--trainer.callbacks.save_last=true",
         "--trainer.callbacks.save_top_k=-1",
+        # a run that started afresh overwrites the same names: only which steps it wrote tells it from a resumed one
+        "--trainer.callbacks.enable_version_counter=false",
         *extra,
     ]
 
 
-def test_sigkill_then_resume_completes(tmp_path):
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):
     """`python -m rlt_pl fit` with a checkpoint every step, SIGKILLed at a random moment after its first checkpoint;
-    `--ckpt_path ckpts/last.ckpt` resumes it to max_steps, and every checkpoint left loads with weights_only=True."""
+    `--ckpt_path ckpts/last.ckpt` resumes it: the resumed process runs only the steps after the kill (it writes no
+    `step=j.ckpt` for j <= k again, which a run from scratch would) and every step's weights after it equal the
+    uninterrupted run's. Every checkpoint left loads with weights_only=True."""
     build_compact_assets(tmp_path / "runs" / "tiny", CompactFormat().tag_tokens(), seed=0)
     (tmp_path / "configs").symlink_to(REPO / "configs", target_is_directory=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    run = dict(cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    straight = subprocess.run(_cli("straight"), **run)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
     log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(_cli(tmp_path), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(_cli("ckpts"), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     last = tmp_path / "ckpts" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -143,20 +160,26 @@ def test_sigkill_then_resume_completes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = torch.load(last, weights_only=True)["global_step"]
-    assert 1 <= killed_at < 20
+    assert 1 <= killed_at < CLI_STEPS
+    for ckpt in (tmp_path / "ckpts").glob("step=*.ckpt"):  # what a resumed run must not write again
+        ckpt.unlink()
 
-    resumed = subprocess.run(
-        _cli(tmp_path, "--ckpt_path", "ckpts/last.ckpt"),
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = subprocess.run(_cli("ckpts", "--ckpt_path", "ckpts/last.ckpt"), **run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = torch.load(last, weights_only=True)
-    assert final["global_step"] == 20
+    assert final["global_step"] == CLI_STEPS
     assert not any(k.startswith("ref_model.") for k in final["state_dict"])
+    written = sorted(int(p.stem.split("=")[1]) for p in (tmp_path / "ckpts").glob("step=*.ckpt"))
+    assert written == list(range(killed_at + 1, CLI_STEPS + 1)), f"killed at {killed_at}, resumed run wrote {written}"
+    first = _weights(tmp_path / "straight" / "step=1.ckpt")
+    for step in written:
+        want, got = (
+            _weights(tmp_path / "straight" / f"step={step}.ckpt"),
+            _weights(tmp_path / "ckpts" / f"step={step}.ckpt"),
+        )
+        assert any(not torch.equal(first[k], v) for k, v in want.items())  # not vacuous: training moves the weights
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=lambda m, k=k, s=step: f"step {s} {k}: {m}")
     for ckpt in (tmp_path / "ckpts").glob("*.ckpt"):
         torch.load(ckpt, weights_only=True)  # no truncated checkpoint under a final name
     assert not list((tmp_path / "ckpts").glob(f"*{PARTIAL_SUFFIX}"))
