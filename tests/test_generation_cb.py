@@ -161,3 +161,21 @@ def test_paged_cache_holds_every_request_whole():
     assert blocks == 3 + 5 + 3 + 1 and tokens == 48
     blocks, tokens = paged_cache_size([5, 40, 3], 30, 16, max_batch_tokens=2, max_cache_tokens=64)
     assert blocks == 4 and tokens == 3  # at least one token per request (a decode step)
+
+
+def test_lora_policy_generates_with_its_adapter(sharp):
+    """A peft-wrapped policy (the LoRA configs): greedy equals the HF engine's, and the adapter is in the forward."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = sharp
+    policy = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    try:
+        sampling = SamplingConfig(max_new_tokens=12, temperature=0.0)
+        hf = HFGenerationEngine().generate(policy, tok, PROMPTS, 1, sampling)
+        cb = ContinuousBatchingEngine().generate(policy, tok, PROMPTS, 1, sampling)
+        with policy.disable_adapter():
+            base = ContinuousBatchingEngine().generate(policy, tok, PROMPTS, 1, sampling)
+    finally:
+        policy.unload()  # the module-scoped model goes back without LoRA layers
+    assert torch.equal(cb.completion_ids, hf.completion_ids)
+    assert not torch.equal(cb.completion_ids, base.completion_ids)
