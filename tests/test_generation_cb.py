@@ -179,3 +179,10 @@ def test_lora_policy_generates_with_its_adapter(sharp):
         policy.unload()  # the module-scoped model goes back without LoRA layers
     assert torch.equal(cb.completion_ids, hf.completion_ids)
     assert not torch.equal(cb.completion_ids, base.completion_ids)
+
+
+def test_refuses_a_sharded_model(sharp, monkeypatch):
+    model, tok = sharp
+    monkeypatch.setattr("rlt_pl.generation_cb.is_sharded", lambda m: True)
+    with pytest.raises(ValueError, match="sharded"):
+        ContinuousBatchingEngine().generate(model, tok, PROMPTS, 1, SamplingConfig(max_new_tokens=4))
