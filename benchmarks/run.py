@@ -1,4 +1,4 @@
-"""Run B1-B4 and write `RESULTS.md` (machine, versions, tables) and `results.json` (one number per target).
+"""Run B1-B6 and write `RESULTS.md` (machine, versions, tables) and `results.json` (one number per target).
 
 python -m benchmarks.run --out benchmarks [--quick] [--skip b2,b3]
 """
@@ -68,6 +68,12 @@ def run_all(out: Path, quick: bool, skip: set[str], work: Path) -> dict:
         results["b5"] = b5_hotspots.run(
             **({"batch": 2, "prompt_tokens": 128, "completion_tokens": 16} if quick else {})
         )
+    if "b6" not in skip:
+        from benchmarks import b6_generation
+
+        sizes6 = ("tiny",) if quick else ("tiny", "small")
+        kw6 = {"prompts": 2, "n": 2, "max_new_tokens": 16, "repeats": 1, "threads": (1,)} if quick else {}
+        results["b6"] = b6_generation.run(build_assets(work / "models", sizes6), sizes=sizes6, **kw6)
     if "b4" not in skip:
         from benchmarks import b4_demo
 
@@ -93,6 +99,7 @@ def targets(results: dict, headline: tuple[str, int, int]) -> dict:
             "b2_step_time_vs_trl",
             "b2_first_loss_abs_diff",
             "b3_peak_rss_mb",
+            "b6_cb_vs_hf_tokens_per_s_min",
         )
     }
     row = _headline_row(results.get("b1", {}).get("rows", []), headline)
@@ -105,6 +112,10 @@ def targets(results: dict, headline: tuple[str, int, int]) -> dict:
         out["b2_first_loss_abs_diff"] = b2["compare"].get("loss_abs_diff")
     if "b3" in results:
         out["b3_peak_rss_mb"] = results["b3"]["shared"]["peak_rss_mb"]
+    if "b6" in results:
+        from benchmarks.b6_generation import headline
+
+        out["b6_cb_vs_hf_tokens_per_s_min"] = headline(results["b6"])
     return out
 
 
@@ -179,6 +190,11 @@ def render(results: dict) -> str:
     if b4:
         lines += ["## B4 `make demo` stage times", ""]
         lines += [md_table(b4["rows"]) if b4["available"] else b4["note"] + "\n"]
+    b6 = results.get("b6")
+    if b6:
+        from benchmarks.b6_generation import render as render_b6
+
+        lines += render_b6(b6)
     return "\n".join(lines)
 
 
@@ -192,9 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - {"b1", "b2", "b3", "b4"}
+    unknown = skip - {"b1", "b2", "b3", "b4", "b5", "b6"}
     if unknown:
-        raise SystemExit(f"--skip: unknown benchmarks {sorted(unknown)} (choose from b1,b2,b3,b4)")
+        raise SystemExit(f"--skip: unknown benchmarks {sorted(unknown)} (choose from b1,b2,b3,b4,b5,b6)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = run_all(

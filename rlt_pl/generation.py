@@ -3,7 +3,7 @@
 `HFGenerationEngine` wraps `model.generate`: batched, KV-cached, left-padded prompts, stop at every EOS id or at
 single-token stop strings (e.g. a compact format's end tag). Its output is what GRPO trains on: left-padded prompt
 ids, right-padded sampled ids, and a completion mask that runs up to and including the first stop token (spec §3.5).
-A vLLM engine can implement the same `generate` signature.
+`ContinuousBatchingEngine` (`rlt_pl.generation_cb`) and `VLLMGenerationEngine` implement the same interface.
 
 Sampling is set by `SamplingConfig` alone: `build_generation_config` turns it into a complete
 `transformers.GenerationConfig` (defaults = the paper's: T 0.7, top-p 1, top-k off, min-p 0, repetition penalty 1,
@@ -189,6 +189,9 @@ class GenerationEngine(ABC):
     def generate(
         self, model: torch.nn.Module, tokenizer, prompts: Sequence[str], n: int, sampling: SamplingConfig
     ) -> GenerationOutput: ...
+
+    def check_sampling(self, sampling: SamplingConfig) -> None:  # noqa: B027 - an optional hook, not abstract
+        """Raise (naming the flag) when this engine cannot honour `sampling`; the modules call it at construction."""
 
     def weights_changed(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Called after each optimizer step; engines holding their own copy of the weights re-sync."""

@@ -58,6 +58,8 @@ def test_quick_run_writes_results(tmp_path, monkeypatch):
     assert data["details"]["b1"]["max_abs_diff"] < 1e-4
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## B1 reward throughput" in text and "## Targets" in text
+    assert "## B6 generation" in text and t["b6_cb_vs_hf_tokens_per_s_min"] > 0
+    assert all(r["greedy_identical"] for r in data["details"]["b6"]["rows"])
 
 
 def test_unknown_skip_rejected(tmp_path):

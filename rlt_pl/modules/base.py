@@ -103,6 +103,7 @@ class CausalLMModule(LightningModule):
         self.lr_schedule, self.warmup_ratio = lr_schedule, warmup_ratio
         self.engine = engine or HFGenerationEngine()
         self.sampling = sampling or SamplingConfig()
+        self.engine.check_sampling(self.sampling)
         self.export_dir = export_dir
         self.merge_lora_on_export = merge_lora_on_export
         self.model: torch.nn.Module | None = None

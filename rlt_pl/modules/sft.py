@@ -61,6 +61,7 @@ class SFTModule(CausalLMModule):
             raise ValueError("model.init_args.eval_k values must be in [1, eval_num_samples]")
         self.max_length = max_length
         self.eval_sampling = eval_sampling or SamplingConfig(max_new_tokens=1024, temperature=0.0)
+        self.engine.check_sampling(self.eval_sampling)
         self.eval_num_samples = eval_num_samples
         self.eval_k = tuple(eval_k)
         self.eval_output_dir = eval_output_dir
