@@ -22,6 +22,8 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -67,6 +69,135 @@ def _trace_stats(trace_dir: Path) -> dict[str, float]:
     return stats
 
 
+def _model(init: str, export: str) -> list[str]:
+    return [f"--model.init_args.model.name_or_path={init}", f"--model.init_args.export_dir={export}"]
+
+
+@dataclass
+class _Pipeline:
+    """The demo's stages as CLI runs chained by paths under `rel` (the output dir as the CLI sees it)."""
+
+    rel: str
+    scale: float
+    num_train: int | None
+    num_heldout: int | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def common(self) -> list[str]:
+        return [f"--trainer.logger.init_args.save_dir={self.rel}/tb"]
+
+    @property
+    def train_data(self) -> list[str]:
+        return [] if self.num_train is None else [f"--data.init_args.num_train={self.num_train}"]
+
+    @property
+    def heldout_data(self) -> list[str]:
+        if self.num_heldout is None:
+            return []
+        return [f"--data.init_args.eval_data.init_args.num_heldout={self.num_heldout}"]
+
+    def steps(self, config: str, fraction: float = 1.0) -> str:
+        """The stage config's `trainer.max_steps`, times `scale` (and `fraction`: the answer-only baseline's
+        sequences carry no thought and it stays near chance whatever its length, so it gets half the steps)."""
+        n = yaml.safe_load((CONFIGS / config).read_text())["trainer"]["max_steps"]
+        return str(max(2, int(n * self.scale * fraction)))
+
+    def stage(self, name: str, fn: Callable[[], object]) -> object:
+        t0 = time.perf_counter()
+        print(f"\n=== {name} ===", flush=True)
+        result = fn()
+        self.timings[name] = time.perf_counter() - t0
+        print(f"=== {name}: done in {self.timings[name]:.1f} s", flush=True)
+        return result
+
+    def fit(self, name: str, config: str, overrides: list[str], max_steps: str | None = None) -> object:
+        """`fit` of one stage, logged under its own run name."""
+        steps = [f"--trainer.max_steps={max_steps or self.steps(config)}"]
+        run_name = [f"--trainer.logger.init_args.name={name}"]
+        return self.stage(name, lambda: _cli("fit", config, self.common + overrides + steps + run_name))
+
+    def assets(self, out: Path) -> None:
+        from rlt_pl.formats import CompactFormat
+        from rlt_pl.tiny import build_compact_assets
+
+        self.stage("assets", lambda: build_compact_assets(out / "assets", CompactFormat().tag_tokens(), seed=0))
+
+    def teachers(self, rl_steps: int | None) -> None:
+        """Pre-train the student/teacher init, warm the teacher up with SFT, then RL it against the frozen student."""
+        rel = self.rel
+        self.fit(
+            "pretrain",
+            "pretrain.yaml",
+            _model(f"{rel}/assets/student", f"{rel}/pretrain"),
+        )
+        self.fit(
+            "teacher_sft",
+            "teacher_sft.yaml",
+            self.train_data + _model(f"{rel}/pretrain", f"{rel}/teacher_sft"),
+        )
+        self.fit(
+            "teacher_rl",
+            "teacher_rl.yaml",
+            self.train_data
+            + [
+                "--trainer.log_every_n_steps=1",
+                f"--model.init_args.model.name_or_path={rel}/teacher_sft",
+                f"--model.init_args.export_dir={rel}/teacher_rl",
+                f"--trainer.callbacks.init_args.student.name_or_path={rel}/pretrain",
+            ],
+            max_steps=str(rl_steps) if rl_steps else None,
+        )
+
+    def traces(self) -> None:
+        """Traces for the training questions from the SFT-only and the RL teacher."""
+        for source in ("sft", "rl"):
+            overrides = self.train_data + [
+                f"--model.init_args.model.name_or_path={self.rel}/teacher_{source}",
+                f"--trainer.callbacks.init_args.output_dir={self.rel}/traces/{source}",
+            ]
+            self.stage(f"traces_{source}", lambda overrides=overrides: _cli("predict", "traces.yaml", overrides))
+
+    def student(self, source: str, seed: int) -> dict[str, float]:
+        """Distil a fresh student on one trace source and evaluate it (T = 0.7 and greedy, each its own run name)."""
+        data = f"{self.rel}/traces/{'sft' if source == 'answer_only' else source}"
+        name = f"{source}_seed{seed}"
+        export = f"{self.rel}/students/{name}"
+        base = self.heldout_data + [
+            f"--data.init_args.data_path={data}",
+            f"--data.init_args.answer_only={source == 'answer_only'}",
+            f"--seed_everything={seed}",
+        ]
+        self.fit(
+            f"distill_{name}",
+            "distill.yaml",
+            base + _model(f"{self.rel}/assets/student", export),
+            max_steps=self.steps("distill.yaml", 0.5 if source == "answer_only" else 1.0),
+        )
+        accs = {}
+        for label, temp in (("t0.7", 0.7), ("greedy", 0.0)):
+            overrides = self.common + base
+            overrides += [
+                f"--model.init_args.model.name_or_path={export}",
+                f"--model.init_args.eval_sampling.temperature={temp}",
+                f"--trainer.logger.init_args.name=eval_{name}_{label}",
+            ]
+            evaluate = lambda overrides=overrides: _cli("test", "distill.yaml", overrides)  # noqa: E731
+            cli = self.stage(f"eval_{name}_{label}", evaluate)
+            accs[label] = 100.0 * float(cli.trainer.callback_metrics["test/addition/pass@1"])
+        return accs
+
+
+RL_CURVES = (
+    "train/reward",
+    "train/rss",
+    "train/rkl",
+    "train/solution_copy",
+    "train/explanation_chars",
+    "train/match_rate",
+)
+
+
 def run(
     out: Path,
     scale: float = 1.0,
@@ -97,161 +228,27 @@ def run(
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
     rel = os.path.relpath(out)
-    rel = str(out.resolve()) if rel.startswith("..") else rel
-
-    def steps(config: str, fraction: float = 1.0) -> str:
-        """The stage config's `trainer.max_steps`, times `scale` (and `fraction`: the answer-only baseline's
-        sequences carry no thought and it stays near chance whatever its length, so it gets half the steps)."""
-        n = yaml.safe_load((CONFIGS / config).read_text())["trainer"]["max_steps"]
-        return str(max(2, int(n * scale * fraction)))
-
-    def stage(name: str, fn) -> object:
-        t0 = time.perf_counter()
-        print(f"\n=== {name} ===", flush=True)
-        result = fn()
-        timings[name] = time.perf_counter() - t0
-        print(f"=== {name}: done in {timings[name]:.1f} s", flush=True)
-        return result
-
-    def path(p: str) -> str:
-        return p.replace("runs/demo", rel)
-
-    common = [f"--trainer.logger.init_args.save_dir={rel}/tb"]
-    train_data = [] if num_train is None else [f"--data.init_args.num_train={num_train}"]
-    heldout_data = [] if num_heldout is None else [f"--data.init_args.eval_data.init_args.num_heldout={num_heldout}"]
-
+    pipeline = _Pipeline(str(out.resolve()) if rel.startswith("..") else rel, scale, num_train, num_heldout)
     if not students_only:
-
-        def assets() -> None:
-            from rlt_pl.formats import CompactFormat
-            from rlt_pl.tiny import build_compact_assets
-
-            build_compact_assets(out / "assets", CompactFormat().tag_tokens(), seed=0)
-
-        stage("assets", assets)
-        stage(
-            "pretrain",
-            lambda: _cli(
-                "fit",
-                "pretrain.yaml",
-                common
-                + [
-                    f"--trainer.max_steps={steps('pretrain.yaml')}",
-                    f"--model.init_args.model.name_or_path={rel}/assets/student",
-                    f"--model.init_args.export_dir={rel}/pretrain",
-                    "--trainer.logger.init_args.name=pretrain",
-                ],
-            ),
-        )
-        stage(
-            "teacher_sft",
-            lambda: _cli(
-                "fit",
-                "teacher_sft.yaml",
-                common
-                + train_data
-                + [
-                    f"--trainer.max_steps={steps('teacher_sft.yaml')}",
-                    f"--model.init_args.model.name_or_path={rel}/pretrain",
-                    f"--model.init_args.export_dir={rel}/teacher_sft",
-                    "--trainer.logger.init_args.name=teacher_sft",
-                ],
-            ),
-        )
-        stage(
-            "teacher_rl",
-            lambda: _cli(
-                "fit",
-                "teacher_rl.yaml",
-                common
-                + train_data
-                + [
-                    "--trainer.log_every_n_steps=1",
-                    f"--trainer.max_steps={rl_steps or steps('teacher_rl.yaml')}",
-                    f"--model.init_args.model.name_or_path={rel}/teacher_sft",
-                    f"--model.init_args.export_dir={rel}/teacher_rl",
-                    "--trainer.logger.init_args.name=teacher_rl",
-                    f"--trainer.callbacks.init_args.student.name_or_path={rel}/pretrain",
-                ],
-            ),
-        )
-        for source in ("sft", "rl"):
-            stage(
-                f"traces_{source}",
-                lambda source=source: _cli(
-                    "predict",
-                    "traces.yaml",
-                    train_data
-                    + [
-                        f"--model.init_args.model.name_or_path={rel}/teacher_{source}",
-                        f"--trainer.callbacks.init_args.output_dir={rel}/traces/{source}",
-                    ],
-                ),
-            )
+        pipeline.assets(out)
+        pipeline.teachers(rl_steps)
+        pipeline.traces()
 
     previous = json.loads((out / "summary.json").read_text()) if students_only else {}
     results: dict[str, dict] = dict(previous.get("students", {}))
+    timings = pipeline.timings
     timings.update({k: v for k, v in previous.get("timings", {}).items() if k not in timings})
     for seed in seeds:
         for source in ("sft", "rl", "answer_only"):
-            data = f"{rel}/traces/{'sft' if source == 'answer_only' else source}"
-            name = f"{source}_seed{seed}"
-            export = f"{rel}/students/{name}"
-            max_steps = steps("distill.yaml", 0.5 if source == "answer_only" else 1.0)
-            base = heldout_data + [
-                f"--data.init_args.data_path={data}",
-                f"--data.init_args.answer_only={source == 'answer_only'}",
-                f"--seed_everything={seed}",
-            ]
-            stage(
-                f"distill_{name}",
-                lambda base=base, export=export, name=name, max_steps=max_steps: _cli(
-                    "fit",
-                    "distill.yaml",
-                    common
-                    + base
-                    + [
-                        f"--trainer.max_steps={max_steps}",
-                        f"--model.init_args.export_dir={export}",
-                        f"--model.init_args.model.name_or_path={rel}/assets/student",
-                        f"--trainer.logger.init_args.name=distill_{name}",
-                    ],
-                ),
-            )
-            accs = {}
-            for label, temp in (("t0.7", 0.7), ("greedy", 0.0)):
-                cli = stage(
-                    f"eval_{name}_{label}",
-                    lambda base=base, export=export, temp=temp, name=name, label=label: _cli(
-                        "test",
-                        "distill.yaml",
-                        common
-                        + base
-                        + [
-                            f"--model.init_args.model.name_or_path={export}",
-                            f"--model.init_args.eval_sampling.temperature={temp}",
-                            f"--trainer.logger.init_args.name=eval_{name}_{label}",
-                        ],
-                    ),
-                )
-                accs[label] = 100.0 * float(cli.trainer.callback_metrics["test/addition/pass@1"])
-            results[name] = accs
-    rl_curves = _scalars(
-        out / "tb" / "teacher_rl",
-        [
-            "train/reward",
-            "train/rss",
-            "train/rkl",
-            "train/solution_copy",
-            "train/explanation_chars",
-            "train/match_rate",
-        ],
-    )
-    traces = {s: _trace_stats(out / "traces" / s) for s in ("sft", "rl")}
-    all_seeds = sorted(set(seeds) | set(previous.get("seeds", [])))
-    summary = {"timings": timings, "students": results, "traces": traces, "rl": rl_curves, "seeds": all_seeds}
+            results[f"{source}_seed{seed}"] = pipeline.student(source, seed)
+    summary = {
+        "timings": timings,
+        "students": results,
+        "traces": {s: _trace_stats(out / "traces" / s) for s in ("sft", "rl")},
+        "rl": _scalars(out / "tb" / "teacher_rl", list(RL_CURVES)),
+        "seeds": sorted(set(seeds) | set(previous.get("seeds", []))),
+    }
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(out, summary)
