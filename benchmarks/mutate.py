@@ -63,6 +63,8 @@ T_SIG = ("tests/test_signals.py",)
 T_UPD = ("tests/test_grpo_update.py",)
 T_SPECIAL = ("tests/test_scoring.py::test_special_token_inside_explanation_takes_the_text_path",)
 T_MERGE = ("tests/test_merge.py",)
+T_STRADDLE = ("tests/test_spans_straddling.py",)
+SP = "rlt_pl/spans.py"
 T_OUT = ("tests/test_output_paths.py",)
 MG, PA, CK, CLI = "rlt_pl/merge.py", "rlt_pl/paths.py", "rlt_pl/callbacks/checkpoint.py", "rlt_pl/cli.py"
 GV = "rlt_pl/generation_vllm.py"
@@ -111,6 +113,35 @@ MUTANTS = [
     ),
     # special token sampled inside an explanation
     Mutant("special_inside_ignored", "scorer", S, "equal = equal & ~teacher_tokens.mismatch", "pass", T_SPECIAL),
+    # tokens straddling a tag boundary belong to neither span
+    Mutant("span_end_off_by_one", "spans", SP, "& (end <= hi[:, None])", "& (end <= hi[:, None] + 1)", T_STRADDLE),
+    Mutant(
+        "span_start_off_by_one", "spans", SP, "& (start >= lo[:, None])", "& (start + 1 >= lo[:, None])", T_STRADDLE
+    ),
+    Mutant(
+        "span_overlap_not_inside",
+        "spans",
+        SP,
+        "(start >= lo[:, None]) & (end <= hi[:, None])",
+        "(end > lo[:, None]) & (start < hi[:, None])",
+        T_STRADDLE,
+    ),
+    Mutant(
+        "prompt_padding_off_by_one",
+        "spans",
+        SP,
+        "total - suffix_bytes, total,",
+        "total - suffix_bytes - 1, total,",
+        T_STRADDLE,
+    ),
+    Mutant(
+        "completion_end_off_by_one",
+        "spans",
+        SP,
+        "span_mask(start, end, lo, explanation_end_bytes,",
+        "span_mask(start, end, lo, explanation_end_bytes + 1,",
+        T_STRADDLE,
+    ),
     # merged, dequantised export weights
     Mutant("merge_scale_dropped", "export", MG, "d = (b @ a) * layer.scaling[name]", "d = b @ a", T_MERGE),
     # vLLM engine (against the stub vllm module): what is pushed, when, and in which order

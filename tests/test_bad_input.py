@@ -108,7 +108,11 @@ def test_completion_without_tags_gets_the_match_penalty(compact):
     assert result.matched.tolist() == [True, False, False]
     assert result.counts["unmatched"] == 2
     assert result.output.match.tolist() == [0.0, -1.0, -1.0]
-    assert torch.isfinite(result.output.reward).all()
+    out = result.output
+    torch.testing.assert_close(out.components["reward_unpenalised"], out.rss - out.rkl + out.match)
+    # the unmatched rows are penalised: exactly min(own reward, the matched row's reward - margin 1)
+    want = torch.minimum(out.components["reward_unpenalised"][1:], out.reward[0] - 1.0)
+    torch.testing.assert_close(out.reward[1:], want)
     assert metrics["match_rate"].tolist() == [1.0, 0.0, 0.0]
 
 
@@ -117,8 +121,10 @@ def test_empty_explanation_takes_the_nan_penalty_path(compact):
     comps = result.output.components
     assert result.explanations[0] == ""
     assert bool(comps["rkl_nan_filled"][0]) and not bool(comps["rkl_nan_filled"][1])
-    assert torch.isfinite(result.output.reward).all()
-    assert result.output.reward[0] < 1e3  # P8: no dtype-sentinel reward from an empty mask
+    # P8: no dtype-sentinel reward from an empty mask: the rKL fill is +1 per coefficient (3 + 0.03)
+    assert float(result.output.rkl[0]) == pytest.approx(3.03)
+    assert float(comps["reward_unpenalised"][0]) == pytest.approx(float(result.output.rss[0]) - 3.03)
+    assert float(result.output.reward[0]) <= float(result.output.reward[1]) - 1.0  # penalised below the regular row
 
 
 def test_context_overflow_is_counted_and_penalised(compact):
@@ -163,7 +169,12 @@ def test_nonfinite_logprobs_are_counted_in_reward_components():
     mask = torch.ones(2, 2, dtype=torch.bool)
     out = rlt_reward(sol, mask, exp_t, exp_s, mask, torch.tensor([True, True]), RewardConfig())
     assert out.components["nonfinite_tokens"].tolist() == [2, 1]
-    assert torch.isfinite(out.reward).all()
+    # row 0: a NaN solution token -> both rSS reductions NaN -> filled with -1 each: rss = -1.01;
+    # both rows: d = [0.1, +inf] (teacher +inf or student -inf) -> +inf clipped to 1e5 -> rkl = 3 mean + 0.03 max
+    rkl = 3.0 * (0.1 + 1e5) / 2 + 0.03 * 1e5
+    assert out.rss.tolist() == pytest.approx([-1.01, -0.15 + 0.01 * -0.2])
+    assert out.rkl.tolist() == pytest.approx([rkl, rkl])
+    assert out.components["rss_nan_filled"].tolist() == [2, 0]
 
 
 def test_zero_variance_groups_get_zero_advantages():
@@ -197,7 +208,8 @@ def test_mismatched_tokenizers_are_refused_unless_allowed(compact, tmp_path):
         cb.student = compact["student"]
         module = SimpleNamespace(tokenizer=compact["tokenizer"], format=FMT, device=torch.device("cpu"))
         if allow:
-            assert cb.scorer(module) is not None
+            scorer = cb.scorer(module)
+            assert scorer.student is compact["student"] and scorer.tokenizer is compact["tokenizer"]
         else:
             with pytest.raises(ValueError, match="(?s)tokenizers differ.*must share.*allow_tokenizer_mismatch"):
                 cb.scorer(module)
@@ -328,7 +340,10 @@ def test_eight_bit_optimizer_on_cpu_is_refused_naming_the_flag():
         pytest.skip("CUDA present: the 8-bit optimizer is allowed")
     with pytest.raises(RuntimeError, match="allow_cpu"):
         AdamW8bit(params)
-    assert AdamW8bit(params, allow_cpu=True) is not None
+    opt = AdamW8bit(params, lr=0.1, allow_cpu=True)
+    params[0].grad = torch.ones(4)
+    opt.step()  # bitsandbytes' CPU path really steps: the weights move against the gradient
+    assert (params[0].detach() < -0.05).all(), params[0]
 
 
 # ------------------------------------------------------------------------------------------------- security

@@ -14,6 +14,7 @@ from rlt_pl.datamodules.addition import AdditionDataModule
 from rlt_pl.formats import CompactFormat
 from rlt_pl.generation import SamplingConfig
 from rlt_pl.models import ModelConfig
+from rlt_pl.modules.sft import StudentDistillModule, TeacherSFTModule
 from rlt_pl.modules.teacher_rl import TeacherRLModule
 from rlt_pl.rewards import RewardConfig
 from rlt_pl.tiny import build_compact_assets
@@ -49,7 +50,7 @@ def _setup(dirs: dict, lr: float, max_new_tokens: int, reward: RewardConfig | No
     return module, student
 
 
-def _fit(module, callbacks: list, steps: int) -> None:
+def _fit(module, callbacks: list, steps: int, data: AdditionDataModule | None = None) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -59,7 +60,7 @@ def _fit(module, callbacks: list, steps: int) -> None:
         enable_model_summary=False,
         callbacks=callbacks,
     )
-    trainer.fit(module, AdditionDataModule(num_train=64, num_heldout=8, batch_size=4))
+    trainer.fit(module, data or AdditionDataModule(num_train=64, num_heldout=8, batch_size=4))
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -92,8 +93,16 @@ def test_policy_trains_while_reference_and_student_stay_frozen(compact_dirs):
     for step in rec.steps:
         for key in ("train/reward", "train/rss", "train/rkl", "train/match_rate", "train/policy_loss", "train/kl"):
             assert key in step and math.isfinite(step[key]), (key, step)
-        assert 0.0 <= step["train/match_rate"] <= 1.0
+        matched = step["train/match_rate"] * 16  # 4 prompts x 4 samples: a count of closed completions
+        assert matched == pytest.approx(round(matched), abs=1e-4), step["train/match_rate"]
         assert "train/skipped_steps" not in step
+    # the last step's logged reward terms are the means of that step's scored batch
+    result, questions = module.last_score
+    assert len(questions) == 16
+    last = rec.steps[-1]
+    assert last["train/match_rate"] == pytest.approx(result.matched.float().mean().item(), abs=1e-6)
+    for key, value in (("reward", result.output.reward), ("rss", result.output.rss), ("rkl", result.output.rkl)):
+        assert last[f"train/{key}"] == pytest.approx(value.mean().item(), rel=1e-5, abs=1e-5), key
     assert "train/count/token_mismatch" in rec.steps[-1] and "train/count/unmatched" in rec.steps[-1]
 
 
@@ -115,7 +124,8 @@ def test_rlt_reward_rises(compact_dirs):
     log-probs over the explanation) only grows as the teacher sharpens, so the full reward falls on CPU-sized runs
     (tried: 30 steps, reward −6.6 → −7.6 while match rate rose). Here rKL is switched off
     (`kl_penalty_coeffs: 0`), leaving rSS + the not-matched penalty (SakanaAI/RLT, §2.7): the teacher can raise its
-    reward by closing `</E>` within the token budget, which a random student does not hide.
+    reward by closing `</E>` within the token budget, which a random student does not hide. The full reward, rKL
+    on, is climbed with a pre-trained student in `test_full_rlt_reward_rises_on_a_pretrained_student` (slow).
     """
     L.seed_everything(0)
     reward = RewardConfig(kl_penalty_coeffs=(0.0, 0.0))
@@ -128,6 +138,59 @@ def test_rlt_reward_rises(compact_dirs):
     assert last > first + 0.2, (first, last, rewards)
     assert sum(match[-5:]) > sum(match[:5]), match
     assert all(s["train/rkl"] == 0.0 for s in rec.steps)
+
+
+@pytest.fixture(scope="module")
+def pretrained_dirs(tmp_path_factory) -> dict:
+    """The demo's first two stages, short: a student pre-trained on 1-3 digit scratchpads (300 steps; the frozen
+    reward student) and a teacher SFT'd from it on 50% good / 25% leak / 25% noise explanations (200 steps)."""
+    out = tmp_path_factory.mktemp("pretrained_rl")
+    dirs = build_compact_assets(out / "assets", CompactFormat().tag_tokens(), seed=0)
+    opts = {
+        "format": CompactFormat(),
+        "lr": 3e-3,
+        "betas": (0.9, 0.98),
+        "lr_schedule": "linear",
+        "warmup_ratio": 0.02,
+        "max_length": 64,
+    }
+    L.seed_everything(0)
+    pre = StudentDistillModule(ModelConfig(str(dirs["student"]), dtype="float32"), export_dir=str(out / "pre"), **opts)
+    data = AdditionDataModule(num_train=20000, num_heldout=8, min_digits=1, max_digits=3, batch_size=64, seed=1)
+    _fit(pre, [], 300, data)
+    sft = TeacherSFTModule(ModelConfig(str(out / "pre"), dtype="float32"), export_dir=str(out / "sft"), **opts)
+    mix = {"good": 0.5, "leak": 0.25, "noise": 0.25}
+    _fit(sft, [], 200, AdditionDataModule(num_train=2000, num_heldout=8, batch_size=64, explanation_mix=mix))
+    return {"student": out / "pre", "teacher": out / "sft"}
+
+
+@pytest.mark.slow  # ~45 s on an idle 2-core machine (pre-training and teacher SFT included)
+def test_full_rlt_reward_rises_on_a_pretrained_student(pretrained_dirs):
+    """The paper's reward, rKL on (weights 3 / 0.03): with a reward student that can read task-length scratchpads,
+    30 GRPO steps (8 prompts x 8 samples, lr 1e-4) drive the teacher from leaks and noise to scratchpads, so rKL falls
+    and the reward rises. Measured (seeds 0/1/2, mean of the first vs last 5 steps): reward -16.9 -> -4.8,
+    -19.2 -> -4.6, -20.0 -> -5.0; rKL 12.4 -> 1.4, 14.4 -> 1.3, 15.0 -> 1.5; the last 10 steps of a run spread
+    by <= 1.9, so the margins below are several times the seed noise."""
+    L.seed_everything(0)
+    module = TeacherRLModule(
+        ModelConfig(str(pretrained_dirs["teacher"]), dtype="float32"),
+        format=CompactFormat(),
+        num_generations=8,
+        micro_batch_size=64,
+        lr=1e-4,
+        sampling=SamplingConfig(max_new_tokens=40, temperature=0.7),
+        sample_table_every_n_steps=0,
+    )
+    student = StudentRewardCallback(ModelConfig(str(pretrained_dirs["student"]), dtype="float32"))
+    assert student.reward_config == RewardConfig()  # the paper's weights, rKL included
+    rec = MetricsRecorder()
+    _fit(module, [student, rec], 30, AdditionDataModule(num_train=2000, num_heldout=8, batch_size=8))
+    rewards = [s["train/reward"] for s in rec.steps]
+    rkl = [s["train/rkl"] for s in rec.steps]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 6.0, (first, last, rewards)
+    assert sum(rkl[-5:]) / 5 < sum(rkl[:5]) / 5 - 5.0, rkl
+    assert sum(s["train/match_rate"] for s in rec.steps[-5:]) / 5 > 0.9
 
 
 def test_reward_temperature_must_equal_sampling_temperature(compact_dirs):
