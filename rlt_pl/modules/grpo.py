@@ -296,12 +296,15 @@ class GRPOModule(CausalLMModule):
         width = agree_max(buf["ids"].shape[1])  # same micro-batch count on every rank
         t_loss = time.perf_counter()
         stats: dict[str, list[Tensor]] = {}
+        entropy = self.logs_this_step()  # logged-only: computed on the steps whose metrics the loggers write
         # μ optimizer updates per generation batch (TRL's num_iterations): each pass over the buffer accumulates the
         # whole batch's gradient and steps; from the second pass on the policy has moved away from the old
         # log-probs captured at rollout, so the ratio leaves 1 and the PPO clip acts.
         objective = torch.zeros((), device=self.device)  # this rank's share of the optimised loss, summed over passes
         for _ in range(self.num_iterations):
-            ok, pass_objective = self._accumulate_pass(buf, adv, prompt_len, comp_mask, total_tokens, width, stats)
+            ok, pass_objective = self._accumulate_pass(
+                buf, adv, prompt_len, comp_mask, total_tokens, width, stats, entropy
+            )
             if not ok:
                 opt.zero_grad()
                 self._nonfinite("non-finite loss")
@@ -318,11 +321,14 @@ class GRPOModule(CausalLMModule):
         stats["loss_total"] = [torch.tensor(all_reduce_sum([float(objective)])[0] / n_ranks)]
         self._log_step(buf, rewards, adv, stats, grad_norm, times)
 
-    def _accumulate_pass(self, buf, adv, prompt_len, comp_mask, total_tokens, width, stats) -> tuple[bool, Tensor]:
+    def _accumulate_pass(
+        self, buf, adv, prompt_len, comp_mask, total_tokens, width, stats, entropy: bool = True
+    ) -> tuple[bool, Tensor]:
         """One shuffled pass over the generation buffer in micro-batches, gradients accumulated.
 
         Returns (all ranks' losses finite, this rank's share of the pass's loss). `width` is the padded length agreed
-        over ranks, so every rank runs the same number of micro-batches (the same collectives)."""
+        over ranks, so every rank runs the same number of micro-batches (the same collectives). `entropy`: also
+        measure the policy's token entropy (logged only)."""
         n = len(adv)
         order = torch.randperm(n).tolist()
         rows = self.micro_batch_size
@@ -331,7 +337,7 @@ class GRPOModule(CausalLMModule):
         objective = torch.zeros((), device=self.device)
         for start in range(0, n, rows):
             idx = order[start : start + rows]
-            out = self._micro_step(buf, idx, adv, prompt_len)
+            out = self._micro_step(buf, idx, adv, prompt_len, entropy)
             if self.loss_config.aggregation == "token_mean":
                 scale = comp_mask[idx].sum() / total_tokens
             else:
@@ -347,8 +353,9 @@ class GRPOModule(CausalLMModule):
                 stats.setdefault(k, []).append(v.detach().float() * weight)
         return True, objective
 
-    def _micro_step(self, buf: dict, idx: list[int], adv: Tensor, prompt_len: int):
-        """Loss of one micro-batch; all-padding columns (left of prompts, right of completions) are trimmed."""
+    def _micro_step(self, buf: dict, idx: list[int], adv: Tensor, prompt_len: int, entropy: bool = True):
+        """Loss of one micro-batch; all-padding columns (left of prompts, right of completions) are trimmed.
+        `entropy`: add the token entropy to the metrics (no effect on the loss)."""
         ids, attn = buf["ids"][idx], buf["attn"][idx]
         used = attn.any(0).nonzero().squeeze(-1)
         lo = min(int(used.min()), prompt_len - 1)
@@ -356,14 +363,18 @@ class GRPOModule(CausalLMModule):
         ids, attn = ids[:, lo:hi], attn[:, lo:hi]
         comp_len = hi - prompt_len
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=comp_len + 1).logits
+        # use_cache=False: no KV cache is built (and kept alive until backward) for a forward that has no next step
+        logits = self.model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=comp_len + 1, use_cache=False
+        ).logits
         lp = token_logprobs(logits, ids[:, -(comp_len + 1) :], self.loss_temperature)[:, 1:]  # [b, C]
-        entropy = token_entropy(logits[:, :-1], self.loss_temperature)  # [b, C], logged only: fp32 chunks
         mask = buf["gen"].completion_mask[idx][:, :comp_len].to(self.device).bool()
         old = buf["old_lp"][idx][:, prompt_len:hi] if buf["old_lp"] is not None and self.num_iterations > 1 else None
         ref = buf["ref_lp"][idx][:, prompt_len:hi] if buf["ref_lp"] is not None else None
         out = policy_loss(lp, old, ref, adv[idx], mask, self.loss_config)
-        out.metrics["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+        if entropy:
+            h = token_entropy(logits[:, :-1], self.loss_temperature)  # [b, C], logged only: fp32 chunks, no grad
+            out.metrics["entropy"] = (h * mask).sum() / mask.sum().clamp(min=1)
         return out
 
     def _clip_and_step(self, opt) -> Tensor:
@@ -393,6 +404,14 @@ class GRPOModule(CausalLMModule):
             )
 
     # ---------------------------------------------------------------- logging
+    def logs_this_step(self) -> bool:
+        """Whether the loggers write this training step's metrics (`trainer.log_every_n_steps`, as Lightning decides
+        it); metrics that are only logged and cost real compute (the token entropy) are measured on these steps alone.
+        True outside a trainer."""
+        if self._trainer is None:
+            return True
+        return self._trainer._logger_connector.should_update_logs
+
     def _log_step(self, buf, rewards, adv, stats, grad_norm, times) -> None:
         """Log step metrics over the global batch: per-completion values are gathered from all ranks (every rank
         computes the same numbers), counts are summed, per-micro-batch stats weighted by their share of the loss, times
