@@ -296,14 +296,14 @@ class GRPOModule(CausalLMModule):
         width = agree_max(buf["ids"].shape[1])  # same micro-batch count on every rank
         t_loss = time.perf_counter()
         stats: dict[str, list[Tensor]] = {}
-        entropy = self.logs_this_step()  # logged-only: computed on the steps whose metrics the loggers write
+        measure = self.logs_this_step()  # logged-only metrics: measured on the steps whose metrics the loggers write
         # μ optimizer updates per generation batch (TRL's num_iterations): each pass over the buffer accumulates the
         # whole batch's gradient and steps; from the second pass on the policy has moved away from the old
         # log-probs captured at rollout, so the ratio leaves 1 and the PPO clip acts.
         objective = torch.zeros((), device=self.device)  # this rank's share of the optimised loss, summed over passes
         for _ in range(self.num_iterations):
             ok, pass_objective = self._accumulate_pass(
-                buf, adv, prompt_len, comp_mask, total_tokens, width, stats, entropy
+                buf, adv, prompt_len, comp_mask, total_tokens, width, stats, measure
             )
             if not ok:
                 opt.zero_grad()
@@ -317,18 +317,18 @@ class GRPOModule(CausalLMModule):
                 sched.step()
         t_end = time.perf_counter()
         times = dict(buf["times"], loss=t_end - t_loss, total=t_end - t_start)
-        # ranks' gradients are averaged, so the optimised loss is the mean of their shares
-        stats["loss_total"] = [torch.tensor(all_reduce_sum([float(objective)])[0] / n_ranks)]
+        if measure:  # ranks' gradients are averaged, so the optimised loss is the mean of their shares
+            stats["loss_total"] = [torch.tensor(all_reduce_sum([float(objective)])[0] / n_ranks)]
         self._log_step(buf, rewards, adv, stats, grad_norm, times)
 
     def _accumulate_pass(
-        self, buf, adv, prompt_len, comp_mask, total_tokens, width, stats, entropy: bool = True
+        self, buf, adv, prompt_len, comp_mask, total_tokens, width, stats, measure: bool = True
     ) -> tuple[bool, Tensor]:
         """One shuffled pass over the generation buffer in micro-batches, gradients accumulated.
 
         Returns (all ranks' losses finite, this rank's share of the pass's loss). `width` is the padded length agreed
-        over ranks, so every rank runs the same number of micro-batches (the same collectives). `entropy`: also
-        measure the policy's token entropy (logged only)."""
+        over ranks, so every rank runs the same number of micro-batches (the same collectives). `measure`: also
+        collect the logged-only per-micro-batch stats into `stats` (loss parts, KL, clip fraction, entropy)."""
         n = len(adv)
         order = torch.randperm(n).tolist()
         rows = self.micro_batch_size
@@ -337,7 +337,7 @@ class GRPOModule(CausalLMModule):
         objective = torch.zeros((), device=self.device)
         for start in range(0, n, rows):
             idx = order[start : start + rows]
-            out = self._micro_step(buf, idx, adv, prompt_len, entropy)
+            out = self._micro_step(buf, idx, adv, prompt_len, measure)
             if self.loss_config.aggregation == "token_mean":
                 scale = comp_mask[idx].sum() / total_tokens
             else:
@@ -347,6 +347,8 @@ class GRPOModule(CausalLMModule):
                 return False, objective
             self.manual_backward(loss)
             objective = objective + loss.detach().float()
+            if not measure:
+                continue
             # a micro-batch's stats count by its share of the loss (uneven micro-batches: not a plain mean)
             weight = float(scale) / self.num_iterations
             for k, v in out.metrics.items():
@@ -406,14 +408,32 @@ class GRPOModule(CausalLMModule):
     # ---------------------------------------------------------------- logging
     def logs_this_step(self) -> bool:
         """Whether the loggers write this training step's metrics (`trainer.log_every_n_steps`, as Lightning decides
-        it); metrics that are only logged and cost real compute (the token entropy) are measured on these steps alone.
-        True outside a trainer."""
+        it). The step metrics are only logged, so they are measured and logged on these steps alone (the token entropy
+        costs a pass over the logits, Lightning's `log` a fixed overhead per key); other steps log the progress-bar
+        reward only. True outside a trainer."""
         if self._trainer is None:
             return True
         return self._trainer._logger_connector.should_update_logs
 
     def _log_step(self, buf, rewards, adv, stats, grad_norm, times) -> None:
-        """Log step metrics over the global batch: per-completion values are gathered from all ranks (every rank
+        """Log the step: its metrics on logging steps (`logs_this_step`, the same on every rank), else the
+        progress-bar reward; the sample table every `sample_table_every_n_steps`."""
+        if self.logs_this_step():
+            self._log_metrics(buf, rewards, adv, stats, grad_norm, times)
+        else:
+            self.log("reward", all_gather_tensor(rewards.detach().float().cpu()).mean(), prog_bar=True, logger=False)
+        every = self.sample_table_every_n_steps
+        if every and self.global_step % every == 0:
+            gen, rows, result, g = buf["gen"], buf["rows"], buf["result"], self.num_generations
+            table = [
+                {"question": rows[i]["question"], "completion": gen.texts[i], "reward": float(rewards[i])}
+                | {k: v[i] for k, v in result.texts.items()}
+                for i in range(0, len(rows), max(1, g))[:8]
+            ]
+            self.log_text("samples", markdown_table(table))
+
+    def _log_metrics(self, buf, rewards, adv, stats, grad_norm, times) -> None:
+        """Step metrics over the global batch: per-completion values are gathered from all ranks (every rank
         computes the same numbers), counts are summed, per-micro-batch stats weighted by their share of the loss, times
         are the slowest rank's."""
         gen: GenerationOutput = buf["gen"]
@@ -455,15 +475,6 @@ class GRPOModule(CausalLMModule):
             metrics["train/length_reward_corr"] = torch.corrcoef(torch.stack([lengths, rewards_all]))[0, 1]
         self.log_dict({k: v.detach().float().cpu() for k, v in metrics.items()}, prog_bar=False, on_step=True)
         self.log("reward", rewards_all.mean(), prog_bar=True, logger=False)
-        every = self.sample_table_every_n_steps
-        if every and self.global_step % every == 0:
-            rows = buf["rows"]
-            table = [
-                {"question": rows[i]["question"], "completion": gen.texts[i], "reward": float(rewards[i])}
-                | {k: v[i] for k, v in result.texts.items()}
-                for i in range(0, len(rows), max(1, g))[:8]
-            ]
-            self.log_text("samples", markdown_table(table))
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
