@@ -20,10 +20,12 @@ compared with TRL's advantages as sorted multisets (TRL shuffles the batch befor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -98,15 +100,18 @@ def run_rlt_pl(model_dir: Path, rows: list[dict], group: int, new_tokens: int, s
     class Timer(L.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.cpu: list[float] = []
             self.split: list[dict[str, float]] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.times.append(time.perf_counter() - self.t0)
-            m = trainer.callback_metrics
-            self.split.append({k[5:]: float(v) for k, v in m.items() if k.startswith("time/")})
+            self.cpu.append(time.process_time() - self.c0)
+            if len(self.times) % log_every == 0:  # the split is logged on logging steps (one batch per epoch here)
+                m = trainer.callback_metrics
+                self.split.append({k[5:]: float(v) for k, v in m.items() if k.startswith("time/")})
 
     module = GRPOModule(
         model=ModelConfig(name_or_path=str(model_dir), dtype="float32"),
@@ -133,7 +138,7 @@ def run_rlt_pl(model_dir: Path, rows: list[dict], group: int, new_tokens: int, s
     )
     loader = DataLoader(rows, batch_size=len(rows), collate_fn=collate_rows)
     trainer.fit(module, loader)
-    return {"step_times": timer.times, "split": timer.split}
+    return {"step_times": timer.times, "cpu_times": timer.cpu, "split": timer.split}
 
 
 # ------------------------------------------------------------------ TRL
@@ -190,12 +195,14 @@ def run_trl(
     class Timer(TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.cpu: list[float] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter() - self.t0)
+            self.cpu.append(time.process_time() - self.c0)
 
     n = len(prompts) * group
     config = GRPOConfig(
@@ -235,7 +242,7 @@ def run_trl(
         callbacks=[timer],
     )
     trainer.train()
-    return {"step_times": timer.times, "compare": compare}
+    return {"step_times": timer.times, "cpu_times": timer.cpu, "compare": compare}
 
 
 def run(
@@ -270,7 +277,7 @@ def run(
     tokenizer = load_tokenizer(model_dir)
     rows, prompts = make_prompts(tokenizer, n_prompts)
     load_start = os.getloadavg()
-    ours_t, trl_t, ratios, splits, compare = [], [], [], [], None
+    ours_t, trl_t, ratios, cpu_ratios, splits, compare = [], [], [], [], [], None
     for _ in range(rounds):
         ours = run_rlt_pl(model_dir, rows, group, new_tokens, steps, log_every)
         theirs = run_trl(model_dir, prompts, group, new_tokens, steps, work_dir / "b2_trl", log_every)
@@ -279,8 +286,9 @@ def run(
         ours_t.append(a)
         trl_t.append(b)
         ratios.append(a / b)
-        splits += ours["split"][1:]
-    split = {k: statistics.median(s[k] for s in splits) for k in splits[-1]}
+        cpu_ratios.append(statistics.median(ours["cpu_times"][1:]) / statistics.median(theirs["cpu_times"][1:]))
+        splits += ours["split"][1:] if log_every == 1 else ours["split"]
+    split = {k: statistics.median(s[k] for s in splits) for k in splits[-1]} if splits else {}
     return {
         "setup": {
             "prompts_per_step": n_prompts,
@@ -298,6 +306,8 @@ def run(
         "trl_step_s": statistics.median(trl_t),
         "ratio": statistics.median(ratios),
         "round_ratios": ratios,
+        "cpu_ratio": statistics.median(cpu_ratios),
+        "round_cpu_ratios": cpu_ratios,
         "load_avg": {"start": load_start, "end": os.getloadavg()},
         "rlt_pl_split_s": split,
         "compare": compare,
@@ -345,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(*(() if args.threads is None else (args.threads,)))
     work = Path(args.work) if args.work else Path(os.environ.get("TMPDIR", "/tmp")) / "rlt_pl_bench"
     assets = build_assets(work / "models", ("tiny",))
-    b2 = run(assets, work, steps=args.steps, rounds=args.rounds, log_every=args.log_every)
+    with contextlib.redirect_stdout(sys.stderr):  # TRL prints its logs: keep stdout for the JSON
+        b2 = run(assets, work, steps=args.steps, rounds=args.rounds, log_every=args.log_every)
     if args.out:
         update_results(b2, Path(args.out))
     print(json.dumps(b2, indent=2))

@@ -183,12 +183,13 @@ def render_b2(b2: dict) -> list[str]:
         )
     ]
     if "round_ratios" in b2:
-        load = b2["load_avg"]
+        start, end = (tuple(round(x, 2) for x in b2["load_avg"][k]) for k in ("start", "end"))
+        wall = ", ".join(f"{r:.3f}" for r in b2["round_ratios"])
+        cpu = ", ".join(f"{r:.3f}" for r in b2["round_cpu_ratios"])
         lines += [
             "Ratio = median over alternating rounds of (rlt_pl median step / TRL median step); per-round ratios "
-            + ", ".join(f"{r:.3f}" for r in b2["round_ratios"])
-            + f". Load average (1/5/15 min) {tuple(round(x, 2) for x in load['start'])} at start, "
-            f"{tuple(round(x, 2) for x in load['end'])} at end.",
+            f"{wall}. The same on process CPU time (one thread, less sensitive to other jobs): {b2['cpu_ratio']:.3f} "
+            f"({cpu}). Load average (1/5/15 min) {start} at start, {end} at end.",
             "",
         ]
     lines += [
