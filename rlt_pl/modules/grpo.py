@@ -8,15 +8,15 @@ Manual optimisation keeps the whole cycle in one place; a step never ends mid-bu
 holds everything needed to resume (policy, optimizer, scheduler, reference, RNG).
 
 Rewards are classes chosen by `class_path` (`TaskReward` for verifiable student RL; the RLT reward comes from
-`StudentRewardCallback` through `TeacherRLModule`).
+`StudentRewardCallback` through `TeacherRLModule`); their interface lives in `rlt_pl.modules.grpo_reward` and is
+re-exported here.
 """
 
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -28,10 +28,10 @@ from rlt_pl.generation import GenerationOutput
 from rlt_pl.grpo import PolicyLossConfig, group_advantages, policy_loss, token_entropy
 from rlt_pl.models import ModelConfig, load_causal_lm, reference_mode
 from rlt_pl.modules.base import CausalLMModule, markdown_table
+from rlt_pl.modules.grpo_reward import Reward, RewardResult, TaskReward
 from rlt_pl.rewards import token_logprobs
 from rlt_pl.rng import collect_rng_states, restore_rng_states
 from rlt_pl.scoring import causal_logprobs
-from rlt_pl.tasks.base import Task
 
 
 def sequences(gen: GenerationOutput, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -42,49 +42,6 @@ def sequences(gen: GenerationOutput, device: torch.device) -> tuple[Tensor, Tens
 
 # Prompt tokens scored by the no-grad policy forward besides the completion (the RLT explanation padding).
 PROMPT_TAIL_TOKENS = 32
-
-
-@dataclass
-class RewardResult:
-    """Rewards of one generation batch: `rewards` [N] plus per-completion metrics [N] and batch counters."""
-
-    rewards: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)
-    counts: dict[str, float] = field(default_factory=dict)
-    texts: dict[str, list[str]] = field(default_factory=dict)  # extra per-completion text for the sample table
-
-
-class Reward(ABC):
-    """A reward over a generation batch. `needs_policy_logprobs`: it consumes the policy's sampled-id log-probs."""
-
-    needs_policy_logprobs: bool = False
-
-    @abstractmethod
-    def __call__(
-        self, module: GRPOModule, rows: Sequence[dict], gen: GenerationOutput, policy_logprobs: Tensor | None
-    ) -> RewardResult: ...
-
-
-class TaskReward(Reward):
-    """Verifiable reward: 1 if the benchmark's grader accepts the answer, else 0 (plus an optional format bonus).
-
-    Args:
-        task: the grader (e.g. `rlt_pl.tasks.countdown.CountdownTask`).
-        format_reward: added when the completion contains an extractable answer.
-    """
-
-    def __init__(self, task: Task, format_reward: float = 0.0) -> None:
-        self.task = task
-        self.format_reward = format_reward
-
-    def __call__(self, module, rows, gen, policy_logprobs) -> RewardResult:
-        correct, formatted = [], []
-        for row, text in zip(rows, gen.texts):
-            answer, ok = self.task.grade(text, row)
-            correct.append(float(ok))
-            formatted.append(float(answer is not None))
-        c, f = torch.tensor(correct), torch.tensor(formatted)
-        return RewardResult(c + self.format_reward * f, {"accuracy": c, "formatted": f})
 
 
 class GRPOModule(CausalLMModule):
