@@ -191,3 +191,33 @@ def test_generation_is_lean_and_unchanged(compact_dirs, monkeypatch):
     enc = tok([p for p in prompts for _ in range(3)], add_special_tokens=False, padding=True, padding_side="left")
     assert out.prompt_ids.tolist() == enc["input_ids"] and out.prompt_mask.tolist() == enc["attention_mask"]
     assert not out.completion_ids.is_inference() and not out.prompt_ids.is_inference()
+
+
+def _peak_bytes(fn) -> int:
+    """Peak of the bytes allocated on CPU while `fn` runs (torch profiler allocation events, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage  # + allocated, - freed by the op itself
+        peak = max(peak, current)
+    return peak
+
+
+def test_entropy_holds_no_full_logit_fp32_copy():
+    """The chunked entropy allocates a few chunks (~0.25 of the logits here), while the plain full-logit
+    computation holds 3 fp32 copies at its peak (the measurement is checked on it)."""
+    from rlt_pl.grpo import token_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 64, 1000)
+    size = logits.numel() * 4
+
+    def full():
+        logp = torch.log_softmax(logits / T, -1)
+        return -(logp.exp() * logp).sum(-1)
+
+    assert _peak_bytes(full) >= 2.5 * size
+    assert _peak_bytes(lambda: token_entropy(logits, T, chunk_elements=2**14)) < 0.3 * size
