@@ -326,7 +326,7 @@ def update_results(b2: dict, out: Path) -> None:
     md = (out / "RESULTS.md").read_text()
     start = md.index("## B2 ")
     end = md.index("\n## ", start) + 1
-    md = md[:start] + "\n".join(render_b2(b2)) + md[end:]
+    md = md[:start] + "\n".join(render_b2(b2)) + "\n" + md[end:]
     targets = {"b2_step_time_vs_trl": b2["ratio"], "b2_first_loss_abs_diff": b2["compare"]["loss_abs_diff"]}
     lines = md.split("\n")
     for key, value in targets.items():
