@@ -5,8 +5,11 @@ completion length), sample with HF `generate` at T = 0.7, use a toy reward (shar
 one micro-batch per step, constant LR, grad-norm clip 1.0. Prompts all have the same token length, so neither side
 pads them (TRL derives positions from `arange`, rlt_pl from the mask; equal without padding).
 
-Step time is wall time per optimizer step (median after warm-up), measured by a callback on each side; rlt_pl also
-reports its own split (`time/generate`, `time/logprobs`, `time/reward`, `time/loss`). The first-step loss is compared
+Both sides log at the same cadence (`log_every`: Lightning's `log_every_n_steps`, TRL's `logging_steps`). Step time is
+wall time per optimizer step (median after warm-up), measured by a callback on each side; rlt_pl also reports its own
+split (`time/generate`, `time/logprobs`, `time/reward`, `time/loss`). On a shared machine the load drifts within
+minutes, so the two sides run in alternating rounds (rlt_pl, TRL, rlt_pl, TRL, ...) and the reported ratio is the
+median of the per-round ratios. The first-step loss is compared
 on TRL's own tensors: inside TRL's `compute_loss` of step 1 we run rlt_pl's forward (`token_logprobs`) and
 `rlt_pl.grpo.policy_loss` on TRL's completions, reference log-probs and advantages, and compare the loss and its
 gradient w.r.t. every parameter (at step 1 the loss value is ~0: ratio 1, zero-mean advantages, KL 0, so the
@@ -16,9 +19,13 @@ compared with TRL's advantages as sorted multisets (TRL shuffles the batch befor
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -74,7 +81,7 @@ def make_prompts(tokenizer, n: int) -> tuple[list[dict], list[str]]:
 
 
 # ------------------------------------------------------------------ rlt_pl
-def run_rlt_pl(model_dir: Path, rows: list[dict], group: int, new_tokens: int, steps: int) -> dict:
+def run_rlt_pl(model_dir: Path, rows: list[dict], group: int, new_tokens: int, steps: int, log_every: int = 1) -> dict:
     """GRPOModule steps on `rows` (all prompts in one step); returns step times and the module's split."""
     import lightning as L
     from torch.utils.data import DataLoader
@@ -93,15 +100,18 @@ def run_rlt_pl(model_dir: Path, rows: list[dict], group: int, new_tokens: int, s
     class Timer(L.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.cpu: list[float] = []
             self.split: list[dict[str, float]] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.times.append(time.perf_counter() - self.t0)
-            m = trainer.callback_metrics
-            self.split.append({k[5:]: float(v) for k, v in m.items() if k.startswith("time/")})
+            self.cpu.append(time.process_time() - self.c0)
+            if len(self.times) % log_every == 0:  # the split is logged on logging steps (one batch per epoch here)
+                m = trainer.callback_metrics
+                self.split.append({k[5:]: float(v) for k, v in m.items() if k.startswith("time/")})
 
     module = GRPOModule(
         model=ModelConfig(name_or_path=str(model_dir), dtype="float32"),
@@ -120,6 +130,7 @@ def run_rlt_pl(model_dir: Path, rows: list[dict], group: int, new_tokens: int, s
         max_steps=steps,
         max_epochs=-1,
         logger=False,
+        log_every_n_steps=log_every,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -127,11 +138,13 @@ def run_rlt_pl(model_dir: Path, rows: list[dict], group: int, new_tokens: int, s
     )
     loader = DataLoader(rows, batch_size=len(rows), collate_fn=collate_rows)
     trainer.fit(module, loader)
-    return {"step_times": timer.times, "split": timer.split}
+    return {"step_times": timer.times, "cpu_times": timer.cpu, "split": timer.split}
 
 
 # ------------------------------------------------------------------ TRL
-def run_trl(model_dir: Path, prompts: list[str], group: int, new_tokens: int, steps: int, out_dir: Path) -> dict:
+def run_trl(
+    model_dir: Path, prompts: list[str], group: int, new_tokens: int, steps: int, out_dir: Path, log_every: int = 1
+) -> dict:
     """GRPOTrainer steps; returns step times and the step-1 loss comparison on TRL's tensors."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -182,12 +195,14 @@ def run_trl(model_dir: Path, prompts: list[str], group: int, new_tokens: int, st
     class Timer(TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.cpu: list[float] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter() - self.t0)
+            self.cpu.append(time.process_time() - self.c0)
 
     n = len(prompts) * group
     config = GRPOConfig(
@@ -207,7 +222,7 @@ def run_trl(model_dir: Path, prompts: list[str], group: int, new_tokens: int, st
         lr_scheduler_type="constant",
         max_grad_norm=1.0,
         max_steps=steps,
-        logging_steps=1,
+        logging_steps=log_every,
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -227,11 +242,21 @@ def run_trl(model_dir: Path, prompts: list[str], group: int, new_tokens: int, st
         callbacks=[timer],
     )
     trainer.train()
-    return {"step_times": timer.times, "compare": compare}
+    return {"step_times": timer.times, "cpu_times": timer.cpu, "compare": compare}
 
 
-def run(assets: dict, work_dir: str | Path, n_prompts: int = 2, group: int = 8, new_tokens: int = 32, steps: int = 4):
-    """Run B2 on the tiny model; the first step is warm-up, the median of the rest is reported.
+def run(
+    assets: dict,
+    work_dir: str | Path,
+    n_prompts: int = 2,
+    group: int = 8,
+    new_tokens: int = 32,
+    steps: int = 4,
+    rounds: int = 1,
+    log_every: int = 1,
+):
+    """Run B2 on the tiny model: `rounds` alternating rlt_pl/TRL runs of `steps` steps each; the first step of every
+    run is warm-up, the median of the rest is that run's step time.
 
     Args:
         assets: `benchmarks.build_assets(...)` output (uses `tiny/teacher`).
@@ -239,32 +264,103 @@ def run(assets: dict, work_dir: str | Path, n_prompts: int = 2, group: int = 8, 
         n_prompts: prompts per step.
         group: G.
         new_tokens: fixed completion length.
-        steps: optimizer steps per side (>= 2).
+        steps: optimizer steps per run (>= 2).
+        rounds: alternating rounds (>= 1); the ratio is the median of the per-round ratios.
+        log_every: logging cadence of both sides.
     """
     if steps < 2:
         raise ValueError("B2 needs steps >= 2 (one warm-up step)")
+    if rounds < 1 or log_every < 1:
+        raise ValueError(f"B2 needs rounds >= 1 and log_every >= 1, got {rounds} and {log_every}")
     work_dir = Path(work_dir)
     model_dir = fixed_length_model(assets["tiny"]["teacher"], work_dir / "b2_model", new_tokens)
     tokenizer = load_tokenizer(model_dir)
     rows, prompts = make_prompts(tokenizer, n_prompts)
-    ours = run_rlt_pl(model_dir, rows, group, new_tokens, steps)
-    theirs = run_trl(model_dir, prompts, group, new_tokens, steps, work_dir / "b2_trl")
-    t_ours = statistics.median(ours["step_times"][1:])
-    t_trl = statistics.median(theirs["step_times"][1:])
-    split = {k: statistics.median(s[k] for s in ours["split"][1:]) for k in ours["split"][-1]}
+    load_start = os.getloadavg()
+    ours_t, trl_t, ratios, cpu_ratios, splits, compare = [], [], [], [], [], None
+    for _ in range(rounds):
+        ours = run_rlt_pl(model_dir, rows, group, new_tokens, steps, log_every)
+        theirs = run_trl(model_dir, prompts, group, new_tokens, steps, work_dir / "b2_trl", log_every)
+        compare = compare or theirs["compare"]
+        a, b = statistics.median(ours["step_times"][1:]), statistics.median(theirs["step_times"][1:])
+        ours_t.append(a)
+        trl_t.append(b)
+        ratios.append(a / b)
+        cpu_ratios.append(statistics.median(ours["cpu_times"][1:]) / statistics.median(theirs["cpu_times"][1:]))
+        splits += ours["split"][1:] if log_every == 1 else ours["split"]
+    split = {k: statistics.median(s[k] for s in splits) for k in splits[-1]} if splits else {}
     return {
         "setup": {
             "prompts_per_step": n_prompts,
             "G": group,
             "completion_tokens": new_tokens,
             "steps": steps,
+            "rounds": rounds,
+            "log_every": log_every,
             "beta": BETA,
             "temperature": TEMPERATURE,
+            "torch_threads": torch.get_num_threads(),
             "system_prompt": SHORT_STUDENT_PROMPT,
         },
-        "rlt_pl_step_s": t_ours,
-        "trl_step_s": t_trl,
-        "ratio": t_ours / t_trl,
+        "rlt_pl_step_s": statistics.median(ours_t),
+        "trl_step_s": statistics.median(trl_t),
+        "ratio": statistics.median(ratios),
+        "round_ratios": ratios,
+        "cpu_ratio": statistics.median(cpu_ratios),
+        "round_cpu_ratios": cpu_ratios,
+        "load_avg": {"start": load_start, "end": os.getloadavg()},
         "rlt_pl_split_s": split,
-        "compare": theirs["compare"],
+        "compare": compare,
     }
+
+
+def update_results(b2: dict, out: Path) -> None:
+    """Replace the B2 section and B2 targets of `out/RESULTS.md` and `out/results.json` with `b2`.
+
+    Args:
+        b2: `run(...)` output.
+        out: directory holding RESULTS.md and results.json (as written by `benchmarks.run`).
+    """
+    from benchmarks.run import render_b2
+
+    md = (out / "RESULTS.md").read_text()
+    start = md.index("## B2 ")
+    end = md.index("\n## ", start) + 1
+    md = md[:start] + "\n".join(render_b2(b2)) + "\n" + md[end:]
+    targets = {"b2_step_time_vs_trl": b2["ratio"], "b2_first_loss_abs_diff": b2["compare"]["loss_abs_diff"]}
+    lines = md.split("\n")
+    for key, value in targets.items():
+        lines = [f"| {key} | {value:.4g} |" if line.startswith(f"| {key} |") else line for line in lines]
+    md = "\n".join(lines)
+    (out / "RESULTS.md").write_text(md)
+    data = json.loads((out / "results.json").read_text())
+    data["targets"]["b2_step_time_vs_trl"] = b2["ratio"]
+    data["targets"]["b2_first_loss_abs_diff"] = b2["compare"]["loss_abs_diff"]
+    data["details"]["b2"] = b2
+    (out / "results.json").write_text(json.dumps(data, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m benchmarks.b2_grpo_vs_trl [--rounds R] [--steps S] [--threads N] [--out benchmarks]`."""
+    from benchmarks import build_assets, set_threads
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rlt_pl/TRL rounds")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is warm-up)")
+    parser.add_argument("--log-every", type=int, default=1, help="logging cadence of both sides")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: benchmarks.THREADS)")
+    parser.add_argument("--work", default=None, help="scratch dir (default: $TMPDIR/rlt_pl_bench)")
+    parser.add_argument("--out", default=None, help="update the B2 section of OUT/RESULTS.md and OUT/results.json")
+    args = parser.parse_args(argv)
+    set_threads(*(() if args.threads is None else (args.threads,)))
+    work = Path(args.work) if args.work else Path(os.environ.get("TMPDIR", "/tmp")) / "rlt_pl_bench"
+    assets = build_assets(work / "models", ("tiny",))
+    with contextlib.redirect_stdout(sys.stderr):  # TRL prints its logs: keep stdout for the JSON
+        b2 = run(assets, work, steps=args.steps, rounds=args.rounds, log_every=args.log_every)
+    if args.out:
+        update_results(b2, Path(args.out))
+    print(json.dumps(b2, indent=2))
+
+
+if __name__ == "__main__":
+    main()

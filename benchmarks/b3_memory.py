@@ -67,6 +67,7 @@ def one_step(teacher_dir: str, student_dir: str, group: int, new_tokens: int, pr
         max_steps=1,
         max_epochs=-1,
         logger=False,
+        log_every_n_steps=1,  # GRPO step metrics are logged on logging steps
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -53,7 +53,7 @@ def run_all(out: Path, quick: bool, skip: set[str], work: Path) -> dict:
 
             from benchmarks import b2_grpo_vs_trl
 
-            kw = {"n_prompts": 1, "group": 4, "new_tokens": 8, "steps": 2} if quick else {"steps": 16}
+            kw = {"n_prompts": 1, "group": 4, "new_tokens": 8, "steps": 2} if quick else {"steps": 8, "rounds": 4}
             results["b2"] = b2_grpo_vs_trl.run(assets, work, **kw)
         except ImportError:
             results["b2"] = {"skipped": "trl is not installed (pip install -e '.[bench]')"}
@@ -150,25 +150,7 @@ def render(results: dict) -> str:
         lines += [md_table(b1["rows"])]
     b2 = results.get("b2")
     if b2:
-        lines += ["## B2 GRPO step: rlt_pl vs TRL GRPOTrainer", ""]
-        if "skipped" in b2:
-            lines += [b2["skipped"], ""]
-        else:
-            lines += [md_table([b2["setup"]])]
-            lines += [
-                md_table(
-                    [
-                        {"rlt_pl_step_s": b2["rlt_pl_step_s"], "trl_step_s": b2["trl_step_s"], "ratio": b2["ratio"]}
-                        | {f"rlt_pl_{k}_s": v for k, v in b2["rlt_pl_split_s"].items()}
-                    ]
-                )
-            ]
-            lines += [
-                "First-step loss and gradients on TRL's own tensors (TRL's loss vs rlt_pl's forward + "
-                "`policy_loss`; advantages compared as sorted multisets since TRL shuffles the batch):",
-                "",
-            ]
-            lines += [md_table([b2["compare"]], floatfmt=".3e")]
+        lines += render_b2(b2)
     b3 = results.get("b3")
     if b3:
         lines += [f"## B3 peak RSS of one TeacherRLModule step ({b3['size']} model)", ""]
@@ -196,6 +178,42 @@ def render(results: dict) -> str:
 
         lines += render_b6(b6)
     return "\n".join(lines)
+
+
+def render_b2(b2: dict) -> list[str]:
+    """RESULTS.md lines of the B2 section.
+
+    Args:
+        b2: `benchmarks.b2_grpo_vs_trl.run(...)` output (or `{"skipped": reason}`).
+    """
+    lines = ["## B2 GRPO step: rlt_pl vs TRL GRPOTrainer", ""]
+    if "skipped" in b2:
+        return lines + [b2["skipped"], ""]
+    lines += [md_table([b2["setup"]])]
+    lines += [
+        md_table(
+            [
+                {"rlt_pl_step_s": b2["rlt_pl_step_s"], "trl_step_s": b2["trl_step_s"], "ratio": b2["ratio"]}
+                | {f"rlt_pl_{k}_s": v for k, v in b2["rlt_pl_split_s"].items()}
+            ]
+        )
+    ]
+    if "round_ratios" in b2:
+        start, end = (tuple(round(x, 2) for x in b2["load_avg"][k]) for k in ("start", "end"))
+        wall = ", ".join(f"{r:.3f}" for r in b2["round_ratios"])
+        cpu = ", ".join(f"{r:.3f}" for r in b2["round_cpu_ratios"])
+        lines += [
+            "Ratio = median over alternating rounds of (rlt_pl median step / TRL median step); per-round ratios "
+            f"{wall}. The same on process CPU time (one thread, less sensitive to other jobs): {b2['cpu_ratio']:.3f} "
+            f"({cpu}). Load average (1/5/15 min) {start} at start, {end} at end.",
+            "",
+        ]
+    lines += [
+        "First-step loss and gradients on TRL's own tensors (TRL's loss vs rlt_pl's forward + "
+        "`policy_loss`; advantages compared as sorted multisets since TRL shuffles the batch):",
+        "",
+    ]
+    return lines + [md_table([b2["compare"]], floatfmt=".3e")]
 
 
 def main(argv: list[str] | None = None) -> None:

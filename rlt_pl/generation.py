@@ -142,7 +142,9 @@ def build_generation_config(
     greedy = sampling.temperature == 0
     return GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
-        min_new_tokens=0,
+        # no minimum: unset rather than 0, which `generate` turns into a no-op MinLength processor run every step
+        min_new_tokens=None,
+        min_length=0,
         do_sample=not greedy,
         num_beams=1,
         temperature=1.0 if greedy else sampling.temperature,
@@ -182,6 +184,19 @@ def generation_config_in_place(model: torch.nn.Module, config: GenerationConfig)
             m.generation_config = c
 
 
+def no_grad_for_generation(model: torch.nn.Module):
+    """`torch.inference_mode()` for sampling (no autograd bookkeeping: ~10% faster decode steps on a small model),
+    plain `no_grad` for sharded (FSDP2) or quantized models, whose parameter machinery (all-gather buffers, bitsandbytes
+    weight state) must not produce inference tensors that training later reuses. Outputs are the same either way."""
+    if is_sharded(model) or any(_is_kbit(m) for m in model.modules()):
+        return torch.no_grad()
+    return torch.inference_mode()
+
+
+def _is_kbit(module: torch.nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
 class GenerationEngine(ABC):
     """Samples `n` completions for each prompt (consecutive in the output, as GRPO groups expect)."""
 
@@ -214,7 +229,9 @@ class HFGenerationEngine(GenerationEngine):
         if n < 1:
             raise ValueError("n (samples per prompt) must be >= 1")
         repeated = [p for p in prompts for _ in range(n)]
-        enc = tokenizer(repeated, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+        # each prompt tokenized once, its row repeated n times (the same ids and padding as tokenizing all N)
+        enc = tokenizer(list(prompts), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+        enc = {k: v.repeat_interleave(n, 0) for k, v in enc.items()}
         lengths = enc["attention_mask"].sum(-1)
         if sampling.max_prompt_tokens is not None and int(lengths.max()) > sampling.max_prompt_tokens:
             raise ValueError(
@@ -227,7 +244,7 @@ class HFGenerationEngine(GenerationEngine):
         model.eval()
         chunks = []
         step = self.batch_size or len(repeated)
-        with generation_config_in_place(model, config):
+        with generation_config_in_place(model, config), no_grad_for_generation(model):
             for i in range(0, len(repeated), step):
                 ids = enc["input_ids"][i : i + step].to(device)
                 attn = enc["attention_mask"][i : i + step].to(device)

@@ -259,10 +259,11 @@ def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_elements: int 
         raise ValueError(f"token_entropy: temperature must be > 0, got {temperature}")
     bsz, length, vocab = logits.shape
     out = torch.empty(bsz, length, dtype=torch.float32, device=logits.device)  # [B, L]
-    step = max(1, chunk_elements // max(vocab, 1))
-    for b in range(bsz):
+    step = max(1, chunk_elements // max(vocab, 1))  # positions per chunk
+    rows = max(1, step // max(length, 1))  # whole batch rows per chunk when a row fits (few kernel launches)
+    for b in range(0, bsz, rows):
         for start in range(0, length, step):
-            z = logits[b, start : start + step].float() / temperature  # [n, V] fp32
+            z = logits[b : b + rows, start : start + step].float() / temperature  # [r, n, V] fp32
             logp = torch.log_softmax(z, dim=-1)
-            out[b, start : start + step] = -(logp.exp() * logp).sum(-1)
+            out[b : b + rows, start : start + step] = -(logp.exp() * logp).sum(-1)
     return out

@@ -107,11 +107,14 @@ def causal_logprobs(
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         prev = torch.nn.functional.pad(attn[:, :-1], (1, 0))  # a row's first real token has no context: 0
         mask_arg = None if only_right_padding(attn) else attn  # causal attention alone is exact (see below)
+        # use_cache=False: a scoring forward has no next step, a KV cache would be built (and held) for nothing
         if k < hi - lo:
-            logits = model(input_ids=ids, attention_mask=mask_arg, position_ids=pos, logits_to_keep=k + 1).logits
+            logits = model(
+                input_ids=ids, attention_mask=mask_arg, position_ids=pos, logits_to_keep=k + 1, use_cache=False
+            ).logits
             lp = token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:]
         else:
-            logits = model(input_ids=ids, attention_mask=mask_arg, position_ids=pos).logits
+            logits = model(input_ids=ids, attention_mask=mask_arg, position_ids=pos, use_cache=False).logits
             lp = token_logprobs(logits, ids, temperature)
         out[rows, hi - k : hi] = (lp * attn[:, -k:] * prev[:, -k:]).float()
     return out

@@ -162,6 +162,7 @@ def _trainer(kind: str, steps: int, callbacks: list, **kwargs) -> L.Trainer:
         max_steps=steps,
         max_epochs=-1,
         logger=False,
+        log_every_n_steps=1,  # GRPO step metrics are logged on logging steps
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,

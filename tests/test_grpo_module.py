@@ -52,6 +52,7 @@ def _trainer(steps: int, callbacks: list) -> L.Trainer:
         accelerator="cpu",
         max_steps=steps,
         logger=False,
+        log_every_n_steps=1,  # the logged-only entropy is measured on logging steps
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -81,6 +81,7 @@ def _one_step(dirs: dict, micro_batch_size: int, max_grad_norm: float | None = N
             accelerator="cpu",
             max_steps=1,
             logger=False,
+            log_every_n_steps=1,  # GRPO step metrics are logged on logging steps
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,

@@ -78,6 +78,7 @@ def test_teacher_rl_qlora_step_and_export(compact_dirs, tmp_path):
         accelerator="cpu",
         max_steps=1,
         logger=False,
+        log_every_n_steps=1,  # GRPO step metrics are logged on logging steps
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -79,6 +79,7 @@ def _fit(dirs: dict, ckpt_dir: Path, max_steps: int, ckpt_path: str | None = Non
         max_steps=max_steps,
         max_epochs=-1,
         logger=False,
+        log_every_n_steps=1,  # GRPO step metrics are logged on logging steps
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=1,

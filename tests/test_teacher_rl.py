@@ -55,6 +55,7 @@ def _fit(module, callbacks: list, steps: int, data: AdditionDataModule | None = 
         accelerator="cpu",
         max_steps=steps,
         logger=False,
+        log_every_n_steps=1,  # GRPO step metrics are logged on logging steps
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -8,15 +8,15 @@ Manual optimisation keeps the whole cycle in one place; a step never ends mid-bu
 holds everything needed to resume (policy, optimizer, scheduler, reference, RNG).
 
 Rewards are classes chosen by `class_path` (`TaskReward` for verifiable student RL; the RLT reward comes from
-`StudentRewardCallback` through `TeacherRLModule`).
+`StudentRewardCallback` through `TeacherRLModule`); their interface lives in `rlt_pl.modules.grpo_reward` and is
+re-exported here.
 """
 
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -28,10 +28,10 @@ from rlt_pl.generation import GenerationOutput
 from rlt_pl.grpo import PolicyLossConfig, group_advantages, policy_loss, token_entropy
 from rlt_pl.models import ModelConfig, load_causal_lm, reference_mode
 from rlt_pl.modules.base import CausalLMModule, markdown_table
+from rlt_pl.modules.grpo_reward import Reward, RewardResult, TaskReward
 from rlt_pl.rewards import token_logprobs
 from rlt_pl.rng import collect_rng_states, restore_rng_states
 from rlt_pl.scoring import causal_logprobs
-from rlt_pl.tasks.base import Task
 
 
 def sequences(gen: GenerationOutput, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -42,49 +42,6 @@ def sequences(gen: GenerationOutput, device: torch.device) -> tuple[Tensor, Tens
 
 # Prompt tokens scored by the no-grad policy forward besides the completion (the RLT explanation padding).
 PROMPT_TAIL_TOKENS = 32
-
-
-@dataclass
-class RewardResult:
-    """Rewards of one generation batch: `rewards` [N] plus per-completion metrics [N] and batch counters."""
-
-    rewards: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)
-    counts: dict[str, float] = field(default_factory=dict)
-    texts: dict[str, list[str]] = field(default_factory=dict)  # extra per-completion text for the sample table
-
-
-class Reward(ABC):
-    """A reward over a generation batch. `needs_policy_logprobs`: it consumes the policy's sampled-id log-probs."""
-
-    needs_policy_logprobs: bool = False
-
-    @abstractmethod
-    def __call__(
-        self, module: GRPOModule, rows: Sequence[dict], gen: GenerationOutput, policy_logprobs: Tensor | None
-    ) -> RewardResult: ...
-
-
-class TaskReward(Reward):
-    """Verifiable reward: 1 if the benchmark's grader accepts the answer, else 0 (plus an optional format bonus).
-
-    Args:
-        task: the grader (e.g. `rlt_pl.tasks.countdown.CountdownTask`).
-        format_reward: added when the completion contains an extractable answer.
-    """
-
-    def __init__(self, task: Task, format_reward: float = 0.0) -> None:
-        self.task = task
-        self.format_reward = format_reward
-
-    def __call__(self, module, rows, gen, policy_logprobs) -> RewardResult:
-        correct, formatted = [], []
-        for row, text in zip(rows, gen.texts):
-            answer, ok = self.task.grade(text, row)
-            correct.append(float(ok))
-            formatted.append(float(answer is not None))
-        c, f = torch.tensor(correct), torch.tensor(formatted)
-        return RewardResult(c + self.format_reward * f, {"accuracy": c, "formatted": f})
 
 
 class GRPOModule(CausalLMModule):
@@ -296,12 +253,15 @@ class GRPOModule(CausalLMModule):
         width = agree_max(buf["ids"].shape[1])  # same micro-batch count on every rank
         t_loss = time.perf_counter()
         stats: dict[str, list[Tensor]] = {}
+        measure = self.logs_this_step()  # logged-only metrics: measured on the steps whose metrics the loggers write
         # μ optimizer updates per generation batch (TRL's num_iterations): each pass over the buffer accumulates the
         # whole batch's gradient and steps; from the second pass on the policy has moved away from the old
         # log-probs captured at rollout, so the ratio leaves 1 and the PPO clip acts.
         objective = torch.zeros((), device=self.device)  # this rank's share of the optimised loss, summed over passes
         for _ in range(self.num_iterations):
-            ok, pass_objective = self._accumulate_pass(buf, adv, prompt_len, comp_mask, total_tokens, width, stats)
+            ok, pass_objective = self._accumulate_pass(
+                buf, adv, prompt_len, comp_mask, total_tokens, width, stats, measure
+            )
             if not ok:
                 opt.zero_grad()
                 self._nonfinite("non-finite loss")
@@ -314,15 +274,18 @@ class GRPOModule(CausalLMModule):
                 sched.step()
         t_end = time.perf_counter()
         times = dict(buf["times"], loss=t_end - t_loss, total=t_end - t_start)
-        # ranks' gradients are averaged, so the optimised loss is the mean of their shares
-        stats["loss_total"] = [torch.tensor(all_reduce_sum([float(objective)])[0] / n_ranks)]
+        if measure:  # ranks' gradients are averaged, so the optimised loss is the mean of their shares
+            stats["loss_total"] = [torch.tensor(all_reduce_sum([float(objective)])[0] / n_ranks)]
         self._log_step(buf, rewards, adv, stats, grad_norm, times)
 
-    def _accumulate_pass(self, buf, adv, prompt_len, comp_mask, total_tokens, width, stats) -> tuple[bool, Tensor]:
+    def _accumulate_pass(
+        self, buf, adv, prompt_len, comp_mask, total_tokens, width, stats, measure: bool = True
+    ) -> tuple[bool, Tensor]:
         """One shuffled pass over the generation buffer in micro-batches, gradients accumulated.
 
         Returns (all ranks' losses finite, this rank's share of the pass's loss). `width` is the padded length agreed
-        over ranks, so every rank runs the same number of micro-batches (the same collectives)."""
+        over ranks, so every rank runs the same number of micro-batches (the same collectives). `measure`: also
+        collect the logged-only per-micro-batch stats into `stats` (loss parts, KL, clip fraction, entropy)."""
         n = len(adv)
         order = torch.randperm(n).tolist()
         rows = self.micro_batch_size
@@ -331,7 +294,7 @@ class GRPOModule(CausalLMModule):
         objective = torch.zeros((), device=self.device)
         for start in range(0, n, rows):
             idx = order[start : start + rows]
-            out = self._micro_step(buf, idx, adv, prompt_len)
+            out = self._micro_step(buf, idx, adv, prompt_len, measure)
             if self.loss_config.aggregation == "token_mean":
                 scale = comp_mask[idx].sum() / total_tokens
             else:
@@ -341,14 +304,17 @@ class GRPOModule(CausalLMModule):
                 return False, objective
             self.manual_backward(loss)
             objective = objective + loss.detach().float()
+            if not measure:
+                continue
             # a micro-batch's stats count by its share of the loss (uneven micro-batches: not a plain mean)
             weight = float(scale) / self.num_iterations
             for k, v in out.metrics.items():
                 stats.setdefault(k, []).append(v.detach().float() * weight)
         return True, objective
 
-    def _micro_step(self, buf: dict, idx: list[int], adv: Tensor, prompt_len: int):
-        """Loss of one micro-batch; all-padding columns (left of prompts, right of completions) are trimmed."""
+    def _micro_step(self, buf: dict, idx: list[int], adv: Tensor, prompt_len: int, entropy: bool = True):
+        """Loss of one micro-batch; all-padding columns (left of prompts, right of completions) are trimmed.
+        `entropy`: add the token entropy to the metrics (no effect on the loss)."""
         ids, attn = buf["ids"][idx], buf["attn"][idx]
         used = attn.any(0).nonzero().squeeze(-1)
         lo = min(int(used.min()), prompt_len - 1)
@@ -356,14 +322,18 @@ class GRPOModule(CausalLMModule):
         ids, attn = ids[:, lo:hi], attn[:, lo:hi]
         comp_len = hi - prompt_len
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=comp_len + 1).logits
+        # use_cache=False: no KV cache is built (and kept alive until backward) for a forward that has no next step
+        logits = self.model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=comp_len + 1, use_cache=False
+        ).logits
         lp = token_logprobs(logits, ids[:, -(comp_len + 1) :], self.loss_temperature)[:, 1:]  # [b, C]
-        entropy = token_entropy(logits[:, :-1], self.loss_temperature)  # [b, C], logged only: fp32 chunks
         mask = buf["gen"].completion_mask[idx][:, :comp_len].to(self.device).bool()
         old = buf["old_lp"][idx][:, prompt_len:hi] if buf["old_lp"] is not None and self.num_iterations > 1 else None
         ref = buf["ref_lp"][idx][:, prompt_len:hi] if buf["ref_lp"] is not None else None
         out = policy_loss(lp, old, ref, adv[idx], mask, self.loss_config)
-        out.metrics["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+        if entropy:
+            h = token_entropy(logits[:, :-1], self.loss_temperature)  # [b, C], logged only: fp32 chunks, no grad
+            out.metrics["entropy"] = (h * mask).sum() / mask.sum().clamp(min=1)
         return out
 
     def _clip_and_step(self, opt) -> Tensor:
@@ -393,8 +363,34 @@ class GRPOModule(CausalLMModule):
             )
 
     # ---------------------------------------------------------------- logging
+    def logs_this_step(self) -> bool:
+        """Whether the loggers write this training step's metrics (`trainer.log_every_n_steps`, as Lightning decides
+        it). The step metrics are only logged, so they are measured and logged on these steps alone (the token entropy
+        costs a pass over the logits, Lightning's `log` a fixed overhead per key); other steps log the progress-bar
+        reward only. True outside a trainer."""
+        if self._trainer is None:
+            return True
+        return self._trainer._logger_connector.should_update_logs
+
     def _log_step(self, buf, rewards, adv, stats, grad_norm, times) -> None:
-        """Log step metrics over the global batch: per-completion values are gathered from all ranks (every rank
+        """Log the step: its metrics on logging steps (`logs_this_step`, the same on every rank), else the
+        progress-bar reward; the sample table every `sample_table_every_n_steps`."""
+        if self.logs_this_step():
+            self._log_metrics(buf, rewards, adv, stats, grad_norm, times)
+        else:
+            self.log("reward", all_gather_tensor(rewards.detach().float().cpu()).mean(), prog_bar=True, logger=False)
+        every = self.sample_table_every_n_steps
+        if every and self.global_step % every == 0:
+            gen, rows, result, g = buf["gen"], buf["rows"], buf["result"], self.num_generations
+            table = [
+                {"question": rows[i]["question"], "completion": gen.texts[i], "reward": float(rewards[i])}
+                | {k: v[i] for k, v in result.texts.items()}
+                for i in range(0, len(rows), max(1, g))[:8]
+            ]
+            self.log_text("samples", markdown_table(table))
+
+    def _log_metrics(self, buf, rewards, adv, stats, grad_norm, times) -> None:
+        """Step metrics over the global batch: per-completion values are gathered from all ranks (every rank
         computes the same numbers), counts are summed, per-micro-batch stats weighted by their share of the loss, times
         are the slowest rank's."""
         gen: GenerationOutput = buf["gen"]
@@ -436,15 +432,6 @@ class GRPOModule(CausalLMModule):
             metrics["train/length_reward_corr"] = torch.corrcoef(torch.stack([lengths, rewards_all]))[0, 1]
         self.log_dict({k: v.detach().float().cpu() for k, v in metrics.items()}, prog_bar=False, on_step=True)
         self.log("reward", rewards_all.mean(), prog_bar=True, logger=False)
-        every = self.sample_table_every_n_steps
-        if every and self.global_step % every == 0:
-            rows = buf["rows"]
-            table = [
-                {"question": rows[i]["question"], "completion": gen.texts[i], "reward": float(rewards[i])}
-                | {k: v[i] for k, v in result.texts.items()}
-                for i in range(0, len(rows), max(1, g))[:8]
-            ]
-            self.log_text("samples", markdown_table(table))
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:

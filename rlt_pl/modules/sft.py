@@ -92,7 +92,7 @@ class SFTModule(CausalLMModule):
         truncated = (attn.sum(-1) > self.max_length).float()
         ids, attn, mask = ids[:, : self.max_length], attn[:, : self.max_length], mask[:, : self.max_length]
         ids, attn, mask = ids.to(self.device), attn.to(self.device), mask.to(self.device)
-        logits = self.model(input_ids=ids, attention_mask=attn).logits
+        logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # no KV cache to build
         lp = token_logprobs(logits, ids)  # [B, L] aligned to tokens
         count = mask.sum().clamp(min=1)
         loss = -(lp * mask).sum() / count
