@@ -1,0 +1,41 @@
+"""Bad flag values are refused when the run is built, naming the flag (never accepted and acted on: a NaN learning
+rate, a positive "penalty", a negative logging period, an unwritable directory found only when a signal comes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlt_pl.generation import SamplingConfig
+
+NAN, INF = float("nan"), float("inf")
+UNWRITABLE = "/proc/rlt_pl_unwritable/out"  # not creatable, even by root
+
+
+def _sft(tiny_dirs, **kw):
+    from rlt_pl.models import ModelConfig
+    from rlt_pl.modules.sft import TeacherSFTModule
+
+    return TeacherSFTModule(ModelConfig(str(tiny_dirs["teacher"])), **kw)
+
+
+CASES = {
+    "sampling temperature nan": (lambda d: SamplingConfig(temperature=NAN), r"sampling\.temperature"),
+    "sampling temperature inf": (lambda d: SamplingConfig(temperature=INF), r"sampling\.temperature"),
+    "sampling repetition_penalty nan": (lambda d: SamplingConfig(repetition_penalty=NAN), r"repetition_penalty"),
+    "sampling repetition_penalty inf": (lambda d: SamplingConfig(repetition_penalty=INF), r"repetition_penalty"),
+    "sampling top_k 0": (lambda d: SamplingConfig(top_k=0), r"sampling\.top_k"),
+    "sampling top_k -1": (lambda d: SamplingConfig(top_k=-1), r"sampling\.top_k"),
+    "sampling max_prompt_tokens 0": (lambda d: SamplingConfig(max_prompt_tokens=0), r"sampling\.max_prompt_tokens"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_values_are_refused_at_construction_naming_the_flag(tiny_dirs, name) -> None:
+    build, flag = CASES[name]
+    with pytest.raises(ValueError, match=flag):
+        build(tiny_dirs)
+
+
+def test_valid_sampling_settings_are_kept() -> None:
+    s = SamplingConfig(temperature=0.0, top_k=1, max_prompt_tokens=1, repetition_penalty=1.1)
+    assert (s.temperature, s.top_k, s.max_prompt_tokens) == (0.0, 1, 1)
