@@ -26,6 +26,13 @@ CASES = {
     "sampling top_k 0": (lambda d: SamplingConfig(top_k=0), r"sampling\.top_k"),
     "sampling top_k -1": (lambda d: SamplingConfig(top_k=-1), r"sampling\.top_k"),
     "sampling max_prompt_tokens 0": (lambda d: SamplingConfig(max_prompt_tokens=0), r"sampling\.max_prompt_tokens"),
+    "module lr nan": (lambda d: _sft(d, lr=NAN), r"model\.init_args\.lr "),
+    "module lr inf": (lambda d: _sft(d, lr=INF), r"model\.init_args\.lr "),
+    "module betas above 1": (lambda d: _sft(d, betas=(1.5, 0.9)), r"model\.init_args\.betas"),
+    "module betas negative": (lambda d: _sft(d, betas=(0.9, -0.1)), r"model\.init_args\.betas"),
+    "module weight_decay negative": (lambda d: _sft(d, weight_decay=-1.0), r"model\.init_args\.weight_decay"),
+    "module weight_decay nan": (lambda d: _sft(d, weight_decay=NAN), r"model\.init_args\.weight_decay"),
+    "module lr_schedule unknown": (lambda d: _sft(d, lr_schedule="bogus"), r"model\.init_args\.lr_schedule"),
 }
 
 
