@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from rlt_pl.generation import SamplingConfig
+from rlt_pl.rewards import RewardConfig
 
 NAN, INF = float("nan"), float("inf")
 UNWRITABLE = "/proc/rlt_pl_unwritable/out"  # not creatable, even by root
@@ -33,6 +34,9 @@ CASES = {
     "module weight_decay negative": (lambda d: _sft(d, weight_decay=-1.0), r"model\.init_args\.weight_decay"),
     "module weight_decay nan": (lambda d: _sft(d, weight_decay=NAN), r"model\.init_args\.weight_decay"),
     "module lr_schedule unknown": (lambda d: _sft(d, lr_schedule="bogus"), r"model\.init_args\.lr_schedule"),
+    "reward student_temperature inf": (lambda d: RewardConfig(student_temperature=INF), r"student_temperature"),
+    "reward teacher_temperature inf": (lambda d: RewardConfig(teacher_temperature=INF), r"teacher_temperature"),
+    "reward not_matched_penalty positive": (lambda d: RewardConfig(not_matched_penalty=1.0), r"not_matched_penalty"),
 }
 
 
