@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from rlt_pl.callbacks.shutdown import GracefulShutdown
+from rlt_pl.callbacks.student_reward import StudentRewardCallback
+from rlt_pl.callbacks.trace_writer import TraceWriter
 from rlt_pl.generation import SamplingConfig
+from rlt_pl.models import ModelConfig
+from rlt_pl.modules.grpo import GRPOModule
+from rlt_pl.modules.sft import StudentDistillModule
 from rlt_pl.rewards import RewardConfig
 
 NAN, INF = float("nan"), float("inf")
@@ -13,7 +19,6 @@ UNWRITABLE = "/proc/rlt_pl_unwritable/out"  # not creatable, even by root
 
 
 def _sft(tiny_dirs, **kw):
-    from rlt_pl.models import ModelConfig
     from rlt_pl.modules.sft import TeacherSFTModule
 
     return TeacherSFTModule(ModelConfig(str(tiny_dirs["teacher"])), **kw)
@@ -37,6 +42,35 @@ CASES = {
     "reward student_temperature inf": (lambda d: RewardConfig(student_temperature=INF), r"student_temperature"),
     "reward teacher_temperature inf": (lambda d: RewardConfig(teacher_temperature=INF), r"teacher_temperature"),
     "reward not_matched_penalty positive": (lambda d: RewardConfig(not_matched_penalty=1.0), r"not_matched_penalty"),
+    "StudentRewardCallback max_length 0": (
+        lambda d: StudentRewardCallback(ModelConfig(str(d["student"])), max_length=0),
+        r"StudentRewardCallback\.max_length",
+    ),
+    "StudentRewardCallback token_budget 0": (
+        lambda d: StudentRewardCallback(ModelConfig(str(d["student"])), token_budget=0),
+        r"StudentRewardCallback\.token_budget",
+    ),
+    "TraceWriter max_trace_tokens 0": (
+        lambda d: TraceWriter(str(d["teacher"].parent / "tw"), max_trace_tokens=0),
+        r"max_trace_tokens",
+    ),
+    "TraceWriter overflow unknown": (
+        lambda d: TraceWriter(str(d["teacher"].parent / "tw"), overflow="bogus"),
+        r"TraceWriter\.init_args\.overflow",
+    ),
+    "GracefulShutdown dirpath unwritable": (lambda d: GracefulShutdown(dirpath=UNWRITABLE), r"dirpath"),
+    "TeacherSFTModule eval_output_dir unwritable": (
+        lambda d: _sft(d, eval_output_dir=UNWRITABLE),
+        r"model\.init_args\.eval_output_dir",
+    ),
+    "StudentDistillModule log_reward_every_n_steps -1": (
+        lambda d: StudentDistillModule(ModelConfig(str(d["teacher"])), log_reward_every_n_steps=-1),
+        r"log_reward_every_n_steps",
+    ),
+    "GRPOModule sample_table_every_n_steps -1": (
+        lambda d: GRPOModule(ModelConfig(str(d["teacher"])), num_generations=2, sample_table_every_n_steps=-1),
+        r"sample_table_every_n_steps",
+    ),
 }
 
 
@@ -50,3 +84,17 @@ def test_bad_values_are_refused_at_construction_naming_the_flag(tiny_dirs, name)
 def test_valid_sampling_settings_are_kept() -> None:
     s = SamplingConfig(temperature=0.0, top_k=1, max_prompt_tokens=1, repetition_penalty=1.1)
     assert (s.temperature, s.top_k, s.max_prompt_tokens) == (0.0, 1, 1)
+
+
+def test_checkpoint_dirpath_is_checked_when_fit_starts_not_at_the_first_save(tmp_path) -> None:
+    import lightning as L
+
+    from rlt_pl.callbacks.checkpoint import AtomicModelCheckpoint
+
+    ckpt = AtomicModelCheckpoint(dirpath=UNWRITABLE, save_last=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[ckpt], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"AtomicModelCheckpoint\.init_args\.dirpath"):
+        ckpt.setup(trainer, L.LightningModule(), "fit")
+    ok = AtomicModelCheckpoint(dirpath=str(tmp_path / "ckpts"))
+    ok.setup(L.Trainer(accelerator="cpu", logger=False, callbacks=[ok], default_root_dir=tmp_path), None, "fit")
+    assert not (tmp_path / "ckpts").exists()  # checked, not created
