@@ -8,6 +8,7 @@ import pytest
 from rlt_pl.callbacks.shutdown import GracefulShutdown
 from rlt_pl.callbacks.student_reward import StudentRewardCallback
 from rlt_pl.callbacks.trace_writer import TraceWriter
+from rlt_pl.datamodules.addition import AdditionDataModule
 from rlt_pl.generation import SamplingConfig
 from rlt_pl.models import ModelConfig
 from rlt_pl.modules.grpo import GRPOModule
@@ -70,6 +71,13 @@ CASES = {
     "GRPOModule sample_table_every_n_steps -1": (
         lambda d: GRPOModule(ModelConfig(str(d["teacher"])), num_generations=2, sample_table_every_n_steps=-1),
         r"sample_table_every_n_steps",
+    ),
+    "AdditionDataModule num_train -1": (lambda d: AdditionDataModule(num_train=-1), r"num_train"),
+    "AdditionDataModule num_heldout -1": (lambda d: AdditionDataModule(num_heldout=-1), r"num_heldout"),
+    "AdditionDataModule heldout_digits 0": (lambda d: AdditionDataModule(heldout_digits=0), r"heldout_digits"),
+    "AdditionDataModule explanation_mix nan": (
+        lambda d: AdditionDataModule(explanation_mix={"good": NAN}),
+        r"explanation_mix",
     ),
 }
 
