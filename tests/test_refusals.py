@@ -106,3 +106,25 @@ def test_checkpoint_dirpath_is_checked_when_fit_starts_not_at_the_first_save(tmp
     ok = AtomicModelCheckpoint(dirpath=str(tmp_path / "ckpts"))
     ok.setup(L.Trainer(accelerator="cpu", logger=False, callbacks=[ok], default_root_dir=tmp_path), None, "fit")
     assert not (tmp_path / "ckpts").exists()  # checked, not created
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'{"id": "x", "question": "q", "solution": "5", "thought": "t", "metadata": [1]}',
+        b'{"id": "x", "question": "q", "solution": "5", "thought": "t", "answer": {"a": 1}}',
+        b'{"id": "x", "question": "q", "solution": "5", "thought": "t", "n": Infinity}',
+        b'{"id": "x", "question": "q", "solution": "5", "thought": "t", "n": 1e999}',
+    ],
+    ids=["metadata list", "answer object", "Infinity", "overflowing float"],
+)
+def test_trace_rows_with_wrong_field_types_or_nonfinite_numbers_are_counted(tmp_path, bad) -> None:
+    from rlt_pl.datamodules.traces import TracesDataModule
+
+    good = b'{"id": "ok", "question": "q", "solution": "5", "thought": "t", "answer": 5}'
+    (tmp_path / "shard-00000.jsonl").write_bytes(good + b"\n" + bad + b"\n")
+    dm = TracesDataModule(data_path=str(tmp_path))
+    dm.setup("fit")
+    assert [r["id"] for r in dm.rows] == ["ok"] and dm.rows[0]["answer"] == "5"
+    [(rid, reason)] = dm.invalid_rows  # reported by position (traces-1: the second row), with the reason
+    assert rid == "traces-1" and any(w in reason for w in ("metadata", "answer", "non-finite", "overflows"))
