@@ -54,14 +54,18 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("sampling.max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("sampling.temperature must be >= 0")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"sampling.temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError("sampling.top_p must be in (0, 1]")
         if not 0 <= self.min_p < 1:
             raise ValueError("sampling.min_p must be in [0, 1)")
-        if self.repetition_penalty <= 0:
-            raise ValueError("sampling.repetition_penalty must be > 0")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"sampling.repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"sampling.top_k must be >= 1 or null (off), got {self.top_k}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"sampling.max_prompt_tokens must be >= 1 or null, got {self.max_prompt_tokens}")
 
 
 @dataclass

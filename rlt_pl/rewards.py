@@ -226,8 +226,8 @@ class RewardConfig:
                 "RewardConfig.answer_log_prob_coeffs must contain a positive coefficient (rSS is mandatory)"
             )
         for name in ("student_temperature", "teacher_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"RewardConfig.{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"RewardConfig.{name} must be finite and > 0, got {getattr(self, name)}")
         for name in ("clip_log_prob", "clip_kl"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -236,8 +236,11 @@ class RewardConfig:
             value = getattr(self, name)
             if value is not None and value not in _NORMALIZE_FNS:
                 raise ValueError(f"RewardConfig.{name} must be one of {_NORMALIZE_FNS} or None, got {value!r}")
-        if not abs(self.not_matched_penalty) < float("inf"):
-            raise ValueError(f"RewardConfig.not_matched_penalty must be finite, got {self.not_matched_penalty}")
+        if not -float("inf") < self.not_matched_penalty <= 0:
+            raise ValueError(
+                f"RewardConfig.not_matched_penalty must be finite and <= 0, got {self.not_matched_penalty}; a "
+                "positive value rewards never closing the explanation (and flips the rSS / rKL NaN fills)"
+            )
         if self.penalty_margin is not None and not 0 <= self.penalty_margin < float("inf"):
             raise ValueError(f"RewardConfig.penalty_margin must be finite and >= 0 or None, got {self.penalty_margin}")
         if self.penalty_floor is not None and not abs(self.penalty_floor) < float("inf"):

@@ -12,10 +12,12 @@ batches; every forward is bounded by `--max-length` (default: the student's cont
 
 Output rows are the input rows plus `reward`, `rss`, `rkl`, `matched`, `penalised` (null, or why the reward is a
 penalty: overflow, unmatched, empty_explanation, empty_solution) and the reward components. Penalised rows get at
-most the worst regular reward of rows with the same question and solution, minus `--penalty-margin`. Malformed
-rows (bad JSON or UTF-8, lone surrogates, nesting or integers too large to parse, missing fields) are counted and
-reported by line number; text is NFC-normalised (counted). The output path is checked before any model is loaded,
-may not be the input, and is written atomically with the umask's permissions.
+most the worst regular reward of rows with the same question and solution (of the whole file when that group has
+no regular row), minus `--penalty-margin`. Malformed rows (bad JSON or UTF-8, NaN / Infinity, lone surrogates,
+nesting or integers too large to parse, missing fields, an empty question, a non-bool `matched`) are counted and
+reported by line number (a UTF-8 BOM is ignored); text is NFC-normalised (counted). The output path, the model
+paths and the flags are checked before any model is loaded; the output may not be the input and is written
+atomically with the umask's permissions.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tqdm import tqdm
 
 from rlt_pl.formats import CompactFormat, RLTFormat, StratosFormat
 from rlt_pl.rewards import RewardConfig, penalise_below_group
-from rlt_pl.spans import nfc_text
+from rlt_pl.spans import loads_finite, nfc_text
 
 FORMATS = {"stratos": StratosFormat, "compact": CompactFormat}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,7 +110,7 @@ def parse_row(line: str | bytes, fmt: RLTFormat) -> tuple[dict | None, str | Non
         except UnicodeDecodeError as err:
             return None, f"invalid UTF-8 (byte {err.start})"
     try:
-        raw = json.loads(line)
+        raw = loads_finite(line.removeprefix("\ufeff"))  # a BOM (first line of some files) is not part of the row
     except json.JSONDecodeError as err:
         return None, f"bad JSON ({err.msg})"
     except RecursionError:
@@ -124,6 +126,10 @@ def parse_row(line: str | bytes, fmt: RLTFormat) -> tuple[dict | None, str | Non
     for key in ("question", "solution"):
         if not isinstance(row.get(key), str):
             return None, f"missing or non-string field {key!r}"
+    if not row["question"].strip():
+        return None, "empty field 'question'"
+    if "matched" in row and not isinstance(row["matched"], bool):
+        return None, f"field 'matched' is {type(row['matched']).__name__}, expected true or false"
     kind = next((k for k in ("completion", "explanation", "thought") if isinstance(row.get(k), str)), None)
     if kind is None:
         return None, "needs a string 'completion', 'explanation' or 'thought'"
@@ -227,6 +233,19 @@ def check_output(out_path: Path, in_path: Path) -> None:
         raise SystemExit(f"--output {out_path}: cannot write there ({err.strerror})") from err
 
 
+def check_model_path(flag: str, value: str) -> None:
+    """Before any work: a local model path must be a model directory (a Hub id "org/name" is passed through)."""
+    from rlt_pl.models import resolve_name_or_path
+
+    try:
+        resolved = resolve_name_or_path(value)
+    except ValueError as err:
+        raise SystemExit(f"{flag} {value}: no such model directory (nor a Hub id 'org/name')") from err
+    path = Path(resolved)
+    if path.exists() and not (path / "config.json").is_file():
+        raise SystemExit(f"{flag} {value}: not a model directory (no config.json)")
+
+
 def penalty_reason(record: dict) -> str | None:
     """Why a scored row's reward is a penalty (None: a regular reward)."""
     comps = record["components"]
@@ -249,7 +268,15 @@ def apply_group_penalties(scored: list[dict], margin: float | None) -> None:
     groups = torch.tensor([keys.setdefault((r["_key"]), len(keys)) for r in scored])
     raw = torch.tensor([r["components"]["reward_unpenalised"] for r in scored], dtype=torch.float64)
     pen = torch.tensor([r["penalised"] is not None for r in scored])
-    reward = raw if margin is None else penalise_below_group(raw, pen, groups, margin)
+    if margin is None:
+        reward = raw
+    else:
+        reward = penalise_below_group(raw, pen, groups, margin)
+        # a group with no regular row (e.g. every row of an empty solution) goes below the file's worst regular row
+        has_regular = torch.zeros(len(keys), dtype=torch.bool).index_fill_(0, groups[~pen], True)
+        orphan = pen & ~has_regular[groups]
+        if bool(orphan.any()) and not bool(pen.all()):
+            reward = penalise_below_group(reward, orphan, torch.zeros_like(groups), margin)
     for r, value in zip(scored, reward.tolist()):
         r["reward"] = value
 
@@ -339,6 +366,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--max-length must be >= 1")
     if not 0 <= args.penalty_margin < float("inf"):
         raise SystemExit("--penalty-margin must be finite and >= 0")
+    if args.token_budget < 1:
+        raise SystemExit("--token-budget must be >= 1")
+    for flag in ("--teacher", "--student"):
+        check_model_path(flag, getattr(args, flag[2:]))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise SystemExit(f"--device {args.device}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available")
     in_path = Path(args.input)
     input_files(in_path)
     default_out = in_path.with_name(in_path.name.removesuffix(".jsonl") + ".scored.jsonl")
@@ -346,13 +383,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_output(out_path, in_path)
     fmt_key = choose_format(args.format, in_path)
     fmt = FORMATS[fmt_key]()
-    config = RewardConfig(
-        answer_log_prob_coeffs=tuple(args.rss_coeffs),
-        kl_penalty_coeffs=tuple(args.kl_coeffs),
-        student_temperature=args.student_temperature,
-        teacher_temperature=args.temperature,
-        penalty_margin=args.penalty_margin,
-    )
+    flags = {
+        "answer_log_prob_coeffs": "--rss-coeffs",
+        "kl_penalty_coeffs": "--kl-coeffs",
+        "student_temperature": "--student-temperature",
+        "teacher_temperature": "--temperature",
+        "penalty_margin": "--penalty-margin",
+    }
+    try:
+        config = RewardConfig(
+            answer_log_prob_coeffs=tuple(args.rss_coeffs),
+            kl_penalty_coeffs=tuple(args.kl_coeffs),
+            student_temperature=args.student_temperature,
+            teacher_temperature=args.temperature,
+            penalty_margin=args.penalty_margin,
+        )
+    except ValueError as err:
+        named = [flag for field, flag in flags.items() if f"RewardConfig.{field} " in f"{err} "]
+        raise SystemExit(f"{' / '.join(named) or 'reward flags'}: {err}") from err
     rows, bad = read_rows(in_path, fmt)
     check_format_against_rows(fmt_key, rows)
     for where, reason in bad:

@@ -11,6 +11,8 @@ Everything is carried as tensors: masks `[B, L]` over right-padded id batches.
 
 from __future__ import annotations
 
+import json
+import math
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -196,6 +198,22 @@ def nfc_text(field: str, value: str) -> str:
     except UnicodeEncodeError as err:
         raise ValueError(f"field {field!r} holds a lone surrogate (not valid Unicode text)") from err
     return unicodedata.normalize("NFC", value)
+
+
+def loads_finite(text: str) -> object:
+    """`json.loads` that refuses `NaN` / `Infinity` and numbers that overflow to them (ValueError naming the value):
+    they are not JSON, and a row holding one would be written back as non-standard `NaN` / `Infinity`."""
+
+    def constant(name: str) -> float:
+        raise ValueError(f"non-finite number {name} (not JSON)")
+
+    def number(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            raise ValueError(f"number {literal[:20]} overflows to {value}")
+        return value
+
+    return json.loads(text, parse_constant=constant, parse_float=number)
 
 
 def nfc_fields(row: dict, keys: Sequence[str] = ("question", "solution", "thought", "answer")) -> dict:

@@ -65,3 +65,38 @@ def test_quick_run_writes_results(tmp_path, monkeypatch):
 def test_unknown_skip_rejected(tmp_path):
     with pytest.raises(SystemExit, match="unknown benchmarks"):
         bench_run.main(["--out", str(tmp_path), "--skip", "b9"])
+
+
+def test_scenario_outcomes_follow_the_documented_rules() -> None:
+    from benchmarks.scenarios import Scenario, classify, observe
+
+    def fail(msg):
+        raise ValueError(msg)
+
+    named = Scenario("config", "x", lambda: fail("model.init_args.lr must be > 0"), culprit=("init_args.lr",))
+    assert classify(named, observe(named.action)) == "clear error"
+    unnamed = Scenario("config", "x", lambda: fail("index out of range"), culprit=("init_args.lr",))
+    assert classify(unnamed, observe(unnamed.action)) == "deep crash"
+    row = Scenario("data", "x", lambda: fail("line 2 is bad"), culprit=("line 2",), row_level=True)
+    assert classify(row, observe(row.action)) == "lost"  # one bad row must not abort the job
+    ok = Scenario("data", "x", lambda: 3, reported=lambda o: o.value == 3, lost=lambda o: False)
+    assert classify(ok, observe(ok.action)) == "counted"
+    quiet = Scenario("config", "x", lambda: None)
+    assert classify(quiet, observe(quiet.action)) == "silent"
+    gone = Scenario("signal", "x", lambda: 0, correct=lambda o: True, lost=lambda o: True)
+    assert classify(gone, observe(gone.action)) == "lost"
+
+    def usage_error():
+        print("error: argument --batch-size: invalid int value")
+        raise SystemExit(2)
+
+    exits = Scenario("scorer", "x", usage_error, culprit=("--batch-size",))
+    assert classify(exits, observe(exits.action)) == "clear error"
+
+
+def test_a_few_data_and_config_scenarios_run_clean(tiny_dirs, tmp_path) -> None:
+    from benchmarks.scenarios import BAD, configs, data, run_all
+
+    picked = data.scenarios(tmp_path / "data")[:6] + configs.scenarios(tiny_dirs, tiny_dirs, tmp_path / "config")[:6]
+    results = run_all(picked, verbose=False)
+    assert len(results) == 12 and not [r for r in results if r[2] in BAD]

@@ -175,3 +175,55 @@ def test_max_length_bounds_the_teacher_forward(tokenizer, teacher_model, student
     assert widths and max(widths) <= limit
     assert res.output.components["overflow"].tolist() == [1, 0] and res.counts["overflow"] == 1
     assert torch.isfinite(res.output.reward).all() and float(res.output.reward[0]) < float(res.output.reward[1])
+
+
+def test_penalised_rows_without_a_regular_row_in_their_group_rank_below_the_file(tiny_dirs, tmp_path, capsys) -> None:
+    rows = [
+        {"question": Q, "solution": S, "completion": "we add" + END},
+        {"question": Q, "solution": "", "completion": "we add" + END},  # empty solution: its own group
+        {"question": "q " * 3000, "solution": S, "completion": "we add" + END},  # overflows: its own group
+    ]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(_argv(tiny_dirs, src, dst)) == 0
+    regular, empty, long = _read(dst)
+    assert (regular["penalised"], empty["penalised"], long["penalised"]) == (None, "empty_solution", "overflow")
+    assert max(empty["reward"], long["reward"]) <= regular["reward"] - 1.0
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--temperature", "0"], "--temperature"),
+        (["--student-temperature", "inf"], "--student-temperature"),
+        (["--kl-coeffs", "nan", "0"], "--kl-coeffs"),
+        (["--token-budget", "0"], "--token-budget"),
+        (["--device", "tpu9"], "--device"),
+        (["--teacher", "/no/such/teacher"], "--teacher"),
+        (["--student", "IS_A_FILE"], "--student"),
+    ],
+)
+def test_bad_flags_end_with_one_line_naming_the_flag(tiny_dirs, tmp_path, extra, flag) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"question": Q, "solution": S, "completion": "x" + END}) + "\n")
+    extra = [str(src) if x == "IS_A_FILE" else x for x in extra]
+    with pytest.raises(SystemExit) as exc:
+        main(_argv(tiny_dirs, src, tmp_path / "out.jsonl") + extra)
+    assert isinstance(exc.value.code, str) and exc.value.code.startswith(flag)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_rows_with_an_empty_question_or_a_non_bool_matched_are_skipped_and_a_bom_is_not(tiny_dirs, tmp_path, capsys):
+    good = json.dumps({"question": Q, "solution": S, "completion": "x" + END}).encode()
+    lines = [
+        b"\xef\xbb\xbf" + good,
+        json.dumps({"question": " ", "solution": S, "completion": "x" + END}).encode(),
+        json.dumps({"question": Q, "solution": S, "thought": "t", "matched": "no"}).encode(),
+        b'{"question": "q", "solution": "5", "completion": "x", "n": Infinity}',
+    ]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    assert main(_argv(tiny_dirs, src, dst)) == 0
+    assert len(_read(dst)) == 1
+    err = capsys.readouterr().err
+    assert all(f"in.jsonl:{n}: skipped:" in err for n in (2, 3, 4)) and "in.jsonl:1:" not in err

@@ -22,6 +22,8 @@ from weakref import proxy
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from rlt_pl.paths import check_writable_dir
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -83,6 +85,12 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
     Takes exactly `ModelCheckpoint`'s arguments (`dirpath`, `every_n_train_steps`, `save_last`, `save_top_k`, ...).
     """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Lightning's setup, then the directory checked writable before any step (not at the first save)."""
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.dirpath is not None and trainer.is_global_zero:
+            check_writable_dir(self.dirpath, "AtomicModelCheckpoint.init_args.dirpath")
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         partial = filepath + PARTIAL_SUFFIX

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from rlt_pl.callbacks.checkpoint import publish, remove_partial
+from rlt_pl.paths import check_writable_dir
 
 
 class GracefulShutdown(Callback):
@@ -33,6 +34,8 @@ class GracefulShutdown(Callback):
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "interrupted.ckpt") -> None:
+        if dirpath is not None:
+            check_writable_dir(dirpath, "GracefulShutdown.init_args.dirpath")  # not when the signal comes
         self.dirpath = dirpath
         self.filename = filename
         self.signum: int | None = None

@@ -44,6 +44,10 @@ class StudentRewardCallback(Callback):
             student.validate()
         except ValueError as exc:  # ModelConfig names its fields `model.*`; here the flag is `student.*`
             raise ValueError(re.sub(r"^model\.", "student.", str(exc))) from None
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"StudentRewardCallback.max_length must be >= 1 or null, got {max_length}")
+        if token_budget < 1:
+            raise ValueError(f"StudentRewardCallback.token_budget must be >= 1, got {token_budget}")
         self.student_config = student
         self.reward_config = reward or RewardConfig()
         self.max_length = max_length

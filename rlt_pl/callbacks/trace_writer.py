@@ -138,6 +138,10 @@ class TraceWriter(BasePredictionWriter):
     ) -> None:
         super().__init__(write_interval="batch")
         check_writable_dir(output_dir, "TraceWriter.init_args.output_dir")
+        if max_trace_tokens is not None and max_trace_tokens < 1:
+            raise ValueError(f"TraceWriter.init_args.max_trace_tokens must be >= 1 or null, got {max_trace_tokens}")
+        if overflow not in ("keep", "drop", "truncate"):
+            raise ValueError(f"TraceWriter.init_args.overflow must be keep, drop or truncate, got {overflow!r}")
         self.output_dir = Path(output_dir).expanduser().resolve()
         self.max_trace_tokens = max_trace_tokens
         self.overflow = overflow

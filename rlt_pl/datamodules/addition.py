@@ -51,6 +51,12 @@ class AdditionDataModule(RowDataModule):
         unknown = set(mix) - set(EXPLANATION_KINDS) - {"none"}
         if unknown or not mix or any(p < 0 for p in mix.values()) or sum(mix.values()) <= 0:
             raise ValueError(f"data.init_args.explanation_mix: bad classes/weights {mix}")
+        if not all(0 <= p < float("inf") for p in mix.values()):
+            raise ValueError(f"data.init_args.explanation_mix: weights must be finite and >= 0, got {mix}")
+        if num_train < 0 or num_heldout < 0:
+            raise ValueError(f"data.init_args.num_train/num_heldout must be >= 0, got {num_train}/{num_heldout}")
+        if heldout_digits < 1:
+            raise ValueError(f"data.init_args.heldout_digits must be >= 1, got {heldout_digits}")
         if not 1 <= min_digits <= max_digits:
             raise ValueError("data.init_args: need 1 <= min_digits <= max_digits")
         self.num_train, self.num_heldout = num_train, num_heldout

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlt_pl.spans import nfc_text
+from rlt_pl.spans import loads_finite, nfc_text
 
 
 class RowError(ValueError):
@@ -74,7 +74,7 @@ def parse_jsonl_line(line: bytes, lineno: int) -> object:
     except UnicodeDecodeError as err:
         return RowError(f"line {lineno} is not valid UTF-8 (byte {err.start})")
     try:
-        return json.loads(text)
+        return loads_finite(text)
     except json.JSONDecodeError as err:
         return RowError(f"line {lineno} is not valid JSON: {err.msg}")
     except RecursionError:

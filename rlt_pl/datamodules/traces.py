@@ -85,15 +85,21 @@ class TracesDataModule(RowDataModule):
         kinds = self._id_kinds.setdefault(str(rid), type(rid).__name__)
         if kinds != type(rid).__name__:
             raise RowError(f"id {rid!r} ({type(rid).__name__}) collides with id {str(rid)!r} ({kinds}) as text")
+        metadata = raw.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise RowError(f"field 'metadata' is {type(metadata).__name__}, expected an object")
+        answer = "" if raw.get("answer") is None else raw["answer"]
+        if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+            raise RowError(f"field 'answer' is {type(answer).__name__}, expected a string or a number")
         if not self.answer_only and not (thought or "").strip():
             self.missing_thought.append(str(rid))
         row = {
             "id": str(rid),
             "question": require_str(raw, "question"),
             "solution": require_str(raw, "solution"),
-            "answer": str(raw.get("answer", "")),
+            "answer": str(answer),
             "thought": "" if self.answer_only else (thought or ""),
-            "metadata": raw.get("metadata") or {},
+            "metadata": metadata or {},
         }
         return row
 

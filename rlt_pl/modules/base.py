@@ -84,8 +84,14 @@ class CausalLMModule(LightningModule):
         merge_lora_on_export: bool = False,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"model.init_args.lr must be > 0, got {lr}")
+        if not 0 < lr < float("inf"):
+            raise ValueError(f"model.init_args.lr must be finite and > 0, got {lr}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"model.init_args.betas must be two values in [0, 1), got {tuple(betas)}")
+        if not 0 <= weight_decay < float("inf"):
+            raise ValueError(f"model.init_args.weight_decay must be finite and >= 0, got {weight_decay}")
+        if lr_schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"model.init_args.lr_schedule must be constant, cosine or linear, got {lr_schedule!r}")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"model.init_args.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if merge_lora_on_export and model.quantization == "8bit":

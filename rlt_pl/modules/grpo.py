@@ -103,6 +103,10 @@ class GRPOModule(CausalLMModule):
             raise ValueError(f"model.init_args.micro_batch_tokens must be >= 1 or null, got {micro_batch_tokens}")
         if max_nonfinite_steps < 0:
             raise ValueError(f"model.init_args.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
+        if sample_table_every_n_steps < 0:
+            raise ValueError(
+                f"model.init_args.sample_table_every_n_steps must be >= 0 (0: never), got {sample_table_every_n_steps}"
+            )
         if micro_batch_size < 1:
             raise ValueError("model.init_args.micro_batch_size must be >= 1")
         if num_iterations < 1:

@@ -25,6 +25,7 @@ from rlt_pl.formats import Rendered
 from rlt_pl.generation import SamplingConfig
 from rlt_pl.models import ModelConfig
 from rlt_pl.modules.base import CausalLMModule
+from rlt_pl.paths import check_writable_dir
 from rlt_pl.rewards import token_logprobs
 from rlt_pl.spans import ByteOffsets, encode_with_spans, nfc_fields
 
@@ -64,6 +65,8 @@ class SFTModule(CausalLMModule):
         self.engine.check_sampling(self.eval_sampling)
         self.eval_num_samples = eval_num_samples
         self.eval_k = tuple(eval_k)
+        if eval_output_dir:
+            check_writable_dir(eval_output_dir, "model.init_args.eval_output_dir")  # not after the evaluation
         self.eval_output_dir = eval_output_dir
         self._offsets: ByteOffsets | None = None
         self._evaluators: dict[int, BenchmarkEvaluator] = {}
@@ -192,6 +195,10 @@ class StudentDistillModule(SFTModule):
 
     def __init__(self, model: ModelConfig, log_reward_every_n_steps: int = 50, **kwargs) -> None:
         super().__init__(model=model, **kwargs)
+        if log_reward_every_n_steps < 0:
+            raise ValueError(
+                f"model.init_args.log_reward_every_n_steps must be >= 0 (0: never), got {log_reward_every_n_steps}"
+            )
         self.log_reward_every_n_steps = log_reward_every_n_steps
 
     def render(self, row: dict) -> Rendered:

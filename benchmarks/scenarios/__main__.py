@@ -1,0 +1,3 @@
+from benchmarks.scenarios import main
+
+raise SystemExit(main())
