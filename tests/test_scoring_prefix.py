@@ -13,7 +13,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 import rlt_pl.scoring as scoring
 from benchmarks import b1_reward, short_format
 from rlt_pl.generation import GenerationOutput
-from rlt_pl.modules.grpo import GRPOModule
+from rlt_pl.modules.grpo import PROMPT_TAIL_TOKENS, GRPOModule
 from rlt_pl.rewards import RewardConfig
 from rlt_pl.scoring import RLTScorer, causal_logprobs
 
@@ -129,8 +129,9 @@ def test_scorer_reuses_the_prefix_of_a_checkpointed_training_teacher(tokenizer, 
 
 
 def test_grpo_policy_and_reference_forwards_never_build_a_cache(teacher_model):
-    ids, attn = _rows(40, [70, 55, 64, 70])  # one group: a long shared prompt, completions of uneven length
-    prompt_len = 40
+    # one group: an 80-token prompt (longer than the scored prompt tail), completions of uneven length
+    prompt_len = 80
+    ids, attn = _rows(prompt_len, [110, 95, 104, 110])
     gen = GenerationOutput(
         prompt_ids=ids[:, :prompt_len],
         prompt_mask=attn[:, :prompt_len],
@@ -153,5 +154,9 @@ def test_grpo_policy_and_reference_forwards_never_build_a_cache(teacher_model):
     policy = GRPOModule.policy_logprobs(module, gen, 1.0)
     ref = GRPOModule.reference_logprobs(module, ids, attn, last_n=ids.shape[1] - prompt_len)
     assert len(spy.calls) == 2 and spy.cached == 0
-    torch.testing.assert_close(policy, causal_logprobs(teacher_model, ids, attn, 1.0, last_n=62), atol=1e-6, rtol=0)
+    # the same rows would share their prompt if a policy forward asked for it
+    causal_logprobs(spy, ids, attn, 1.0, last_n=30 + PROMPT_TAIL_TOKENS, share_prefix=True)
+    assert spy.cached == 1
+    want = causal_logprobs(teacher_model, ids, attn, 1.0, last_n=30 + PROMPT_TAIL_TOKENS)
+    torch.testing.assert_close(policy, want, atol=1e-6, rtol=0)
     assert ref is not None
