@@ -11,7 +11,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -128,6 +128,28 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: Sequence[str] = ()) -> dict:
+    """Median wall time (s) per named function, timed round-robin (`repeats` rounds, each runs every function once)
+    so that load drifting on a shared machine hits every path alike; the names in `warmup` run once untimed first.
+
+    Args:
+        fns: name -> the work to time.
+        repeats: rounds (>= 1).
+        warmup: names to call once before timing.
+    """
+    if repeats < 1:
+        raise ValueError(f"interleaved_medians: repeats must be >= 1, got {repeats}")
+    for name in warmup:
+        fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def machine_info() -> dict[str, str]:

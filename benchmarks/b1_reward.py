@@ -21,8 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
-from benchmarks import load_model, load_tokenizer, median_time, short_format
+from benchmarks import interleaved_medians, load_model, load_tokenizer, short_format
 from rlt_pl.formats import RLTFormat
+from rlt_pl.modules.grpo import PROMPT_TAIL_TOKENS
 from rlt_pl.rewards import RewardConfig
 from rlt_pl.scoring import RLTScorer, causal_logprobs, teacher_logprobs_from_policy
 
@@ -201,7 +202,7 @@ def per_sample_reward(
 
 # ------------------------------------------------------------------ one configuration
 def bench_config(teacher, student, tokenizer, group: int, n_tokens: int, repeats: int, token_budget: int) -> dict:
-    """Time every path on one group of `group` completions with ~`n_tokens`-token explanations.
+    """Time every path on one group of `group` completions with ~`n_tokens`-token explanations, round-robin.
 
     Args:
         teacher: teacher model.
@@ -222,9 +223,18 @@ def bench_config(teacher, student, tokenizer, group: int, n_tokens: int, repeats
     def policy_tokens():
         full = torch.cat([ids["prompt_ids"], ids["completion_ids"]], 1)
         attn = torch.cat([ids["prompt_mask"], ids["mask"]], 1)
-        lp = causal_logprobs(teacher, full, attn, config.teacher_temperature, token_budget)
+        last_n = ids["completion_ids"].shape[1] + PROMPT_TAIL_TOKENS  # as `GRPOModule.policy_logprobs`
+        lp = causal_logprobs(teacher, full, attn, config.teacher_temperature, token_budget, last_n=last_n)
         return teacher_logprobs_from_policy(
-            fmt, scorer.offsets, ids["prompt_ids"], ids["prompt_mask"], ids["completion_ids"], ids["mask"], c, lp
+            fmt,
+            scorer.offsets,
+            ids["prompt_ids"],
+            ids["prompt_mask"],
+            ids["completion_ids"],
+            ids["mask"],
+            c,
+            lp,
+            scored_from=max(0, full.shape[1] - last_n),
         )
 
     def sampled():
@@ -243,11 +253,15 @@ def bench_config(teacher, student, tokenizer, group: int, n_tokens: int, repeats
     def per_sample():
         return [per_sample_reward(teacher, student, tokenizer, fmt, *row, config) for row in zip(p, q, s, c)]
 
-    t_sampled = median_time(sampled, repeats)
-    t_score = median_time(lambda: scorer.score(q, s, c, tokens, teacher, p), repeats)
-    t_text = median_time(lambda: scorer.score(q, s, c, None, teacher, p), repeats)
-    t_bare = median_time(bare, repeats)
-    t_per = median_time(per_sample, repeats, warmup=0)  # many forwards inside: self-warming
+    fns = {
+        "sampled": sampled,
+        "score": lambda: scorer.score(q, s, c, tokens, teacher, p),
+        "text": lambda: scorer.score(q, s, c, None, teacher, p),
+        "bare": bare,
+        "per_sample": per_sample,  # many forwards inside: self-warming
+    }
+    t = interleaved_medians(fns, repeats, warmup=("sampled", "score", "text", "bare"))
+    t_sampled, t_score, t_text, t_bare, t_per = (t[k] for k in ("sampled", "score", "text", "bare", "per_sample"))
     batched = sampled()
     reference = torch.tensor(per_sample(), dtype=torch.float32)
     text = scorer.score(q, s, c, None, teacher, p).output.reward.float()

@@ -35,6 +35,9 @@ from rlt_pl.rewards import (
 )
 from rlt_pl.spans import ByteOffsets, completion_explanation_mask, encode_with_spans, suffix_span_mask
 
+SHARED_PREFIX_MIN = 16  # shortest common prefix (tokens) that causal_logprobs runs once per chunk, not per row
+SHARED_PREFIX_SAVING = 0.1  # ... and only when that saves this fraction of the chunk's tokens (else one more forward)
+
 
 @dataclass
 class PackedTokens:
@@ -79,6 +82,7 @@ def causal_logprobs(
     temperature: float = 1.0,
     token_budget: int | None = None,
     last_n: int | None = None,
+    share_prefix: bool = False,
 ) -> Tensor:
     """Token-aligned log-probs `out[:, j] = log p(x_j | x_<j)` (0 at j = 0 and at padding), chunked by tokens.
 
@@ -86,6 +90,9 @@ def causal_logprobs(
     length so each chunk holds at most `token_budget` tokens (rows × padded width); padding columns are trimmed.
     With `last_n`, only the last `last_n` columns are scored (the LM head runs on those alone, via
     `logits_to_keep`): GRPO needs the completion, not a long prompt's `[P, V]` logits.
+    With `share_prefix` (frozen scoring models only: the reward's student and teacher forwards), a right-padded
+    chunk whose rows start with the same `SHARED_PREFIX_MIN`+ tokens runs that prefix once and reuses its KV cache
+    for every row. Policy forwards never pass it, so no cache is built for a model under gradient checkpointing.
     """
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     lengths = attention_mask.sum(-1)
@@ -101,23 +108,64 @@ def causal_logprobs(
         k = hi - max(lo, input_ids.shape[1] - last_n) if last_n is not None else hi - lo
         if k > 0:
             chunks.append((rows, lo, hi, k))
-    pad_forward_calls(model, len(chunks))  # sharded model: as many forwards as the busiest rank (agreed first)
-    for rows, lo, hi, k in chunks:
+    plans = [
+        (rows, lo, hi, k, _shared_prefix(input_ids[rows, lo:hi], attention_mask[rows, lo:hi], hi - k - lo))
+        if share_prefix
+        else (rows, lo, hi, k, 0)
+        for rows, lo, hi, k in chunks
+    ]
+    pad_forward_calls(model, sum(1 + (p > 0) for *_, p in plans))  # sharded: the busiest rank's count (agreed first)
+    for rows, lo, hi, k, p in plans:
         ids, attn = input_ids[rows, lo:hi], attention_mask[rows, lo:hi]
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         prev = torch.nn.functional.pad(attn[:, :-1], (1, 0))  # a row's first real token has no context: 0
-        mask_arg = None if only_right_padding(attn) else attn  # causal attention alone is exact (see below)
-        # use_cache=False: a scoring forward has no next step, a KV cache would be built (and held) for nothing
-        if k < hi - lo:
-            logits = model(
-                input_ids=ids, attention_mask=mask_arg, position_ids=pos, logits_to_keep=k + 1, use_cache=False
-            ).logits
-            lp = token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:]
-        else:
-            logits = model(input_ids=ids, attention_mask=mask_arg, position_ids=pos, use_cache=False).logits
-            lp = token_logprobs(logits, ids, temperature)
+        lp = _prefix_shared_logprobs(model, ids, pos, p, k, temperature) if p > 0 else None
+        if lp is None:  # no shared prefix, or the model returned no KV cache (then the prefix forward is wasted)
+            mask_arg = None if only_right_padding(attn) else attn  # causal attention alone is exact (see below)
+            # use_cache=False: a scoring forward has no next step, a KV cache would be built (and held) for nothing
+            kw = dict(input_ids=ids, attention_mask=mask_arg, position_ids=pos, use_cache=False)
+            if k < hi - lo:
+                logits = model(**kw, logits_to_keep=k + 1).logits
+                lp = token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:]
+            else:
+                logits = model(**kw).logits
+                lp = token_logprobs(logits, ids, temperature)
         out[rows, hi - k : hi] = (lp * attn[:, -k:] * prev[:, -k:]).float()
     return out
+
+
+def _shared_prefix(ids: Tensor, attn: Tensor, first_scored: int) -> int:
+    """Leading columns that every row of a right-padded chunk shares (real tokens, same ids), capped at the first
+    scored column; 0 (no sharing) below `SHARED_PREFIX_MIN` tokens or a `SHARED_PREFIX_SAVING` fraction of the
+    chunk, for a single row, or with left padding."""
+    rows, width = ids.shape
+    if rows < 2 or not only_right_padding(attn):
+        return 0
+    same = ((ids == ids[:1]) & attn.bool()).all(0)
+    p = int(same.long().cumprod(0).sum())
+    p = min(p, max(first_scored, 1), width - 1)
+    return p if p >= SHARED_PREFIX_MIN and (rows - 1) * p >= SHARED_PREFIX_SAVING * rows * width else 0
+
+
+def _prefix_shared_logprobs(
+    model: torch.nn.Module, ids: Tensor, pos: Tensor, p: int, k: int, temperature: float
+) -> Tensor:
+    """Log-probs of the last `k` columns of a right-padded chunk whose rows share their first `p` tokens (a GRPO
+    group's prompt, the student's system prompt + question): the prefix runs once, its KV cache is repeated per row
+    and only the suffixes run (`p <= width - k`, so every scored token lies after the prefix or is its successor).
+    None when the forward returned no cache (a model that turns caching off)."""
+    head = model(input_ids=ids[:1, :p], position_ids=pos[:1, :p], use_cache=True, logits_to_keep=1)
+    name = "cache" if "cache" in head else "past_key_values"  # the KV cache's name since transformers 5 / before
+    if head.get(name) is None:
+        return None
+    cache = head[name]
+    cache.batch_repeat_interleave(ids.shape[0])
+    width = ids.shape[1]
+    keep = min(k + 1, width - p)
+    logits = model(input_ids=ids[:, p:], position_ids=pos[:, p:], logits_to_keep=keep, **{name: cache}).logits
+    if k + 1 > width - p:  # the first suffix token is scored by the prefix's last logits
+        logits = torch.cat([head.logits.expand(ids.shape[0], -1, -1), logits], dim=1)
+    return token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:]
 
 
 def only_right_padding(attention_mask: Tensor) -> bool:
@@ -254,6 +302,7 @@ class RLTScorer:
             temperature,
             self.token_budget,
             last_n=scored_suffix(scored),
+            share_prefix=True,
         ).cpu()
         packed = {}
         for name in names:
