@@ -165,7 +165,7 @@ def pretrained_dirs(tmp_path_factory) -> dict:
     return {"student": out / "pre", "teacher": out / "sft"}
 
 
-@pytest.mark.slow  # ~45 s on an idle 2-core machine (pre-training and teacher SFT included)
+@pytest.mark.slow  # pre-training, teacher SFT and 30 RL steps: minutes on 2 cores
 def test_full_rlt_reward_rises_on_a_pretrained_student(pretrained_dirs):
     """The paper's reward, rKL on (weights 3 / 0.03): with a reward student that can read task-length scratchpads,
     30 GRPO steps (8 prompts x 8 samples, lr 1e-4) drive the teacher from leaks and noise to scratchpads, so rKL falls
