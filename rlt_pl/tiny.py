@@ -208,6 +208,31 @@ def build_compact_assets(
     }
 
 
+def trace_predict_yaml(
+    out: str | Path, teacher: str | Path, num_train: int, batch_size: int, max_new_tokens: int, temperature: float = 0.7
+) -> str:
+    """A `predict` config writing addition traces of a CompactFormat teacher into `out` (tests, fault scenarios)."""
+    return f"""
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  logger: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: rlt_pl.callbacks.trace_writer.TraceWriter
+      init_args: {{output_dir: {out}}}
+model:
+  class_path: rlt_pl.modules.sft.TeacherSFTModule
+  init_args:
+    model: {{name_or_path: {teacher}, dtype: float32}}
+    format: {{class_path: rlt_pl.formats.CompactFormat}}
+    sampling: {{max_new_tokens: {max_new_tokens}, temperature: {temperature}}}
+data:
+  class_path: rlt_pl.datamodules.addition.AdditionDataModule
+  init_args: {{num_train: {num_train}, num_heldout: 4, batch_size: {batch_size}}}
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")

@@ -16,7 +16,7 @@ from file_faults import KILLED_RC, fit_linear
 
 from rlt_pl.callbacks.checkpoint import PARTIAL_SUFFIX
 from rlt_pl.formats import CompactFormat
-from rlt_pl.tiny import build_compact_assets
+from rlt_pl.tiny import build_compact_assets, trace_predict_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("file_faults.py")
@@ -78,27 +78,6 @@ def test_the_same_kill_tears_a_stock_checkpoint(tmp_path):
     assert (ckpts / "last.ckpt").exists() and _loads(ckpts / "last.ckpt") is None
 
 
-PREDICT_YAML = """
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  logger: false
-  enable_progress_bar: false
-  callbacks:
-    - class_path: rlt_pl.callbacks.trace_writer.TraceWriter
-      init_args: {{output_dir: {out}}}
-model:
-  class_path: rlt_pl.modules.sft.TeacherSFTModule
-  init_args:
-    model: {{name_or_path: {teacher}, dtype: float32}}
-    format: {{class_path: rlt_pl.formats.CompactFormat}}
-    sampling: {{max_new_tokens: 12, temperature: 0.7}}
-data:
-  class_path: rlt_pl.datamodules.addition.AdditionDataModule
-  init_args: {{num_train: 40, num_heldout: 4, batch_size: 8}}
-"""
-
-
 def _shard_rows(out: Path) -> list[dict]:
     return [json.loads(line) for s in sorted(out.glob("shard-*.jsonl")) for line in s.read_text().splitlines()]
 
@@ -110,7 +89,7 @@ def test_trace_shard_killed_mid_write_is_never_read(tmp_path):
     dirs = build_compact_assets(tmp_path / "tiny", CompactFormat().tag_tokens(), seed=0)
     out = tmp_path / "traces"
     config = tmp_path / "predict.yaml"
-    config.write_text(PREDICT_YAML.format(out=out, teacher=dirs["teacher"]))
+    config.write_text(trace_predict_yaml(out, dirs["teacher"], num_train=40, batch_size=8, max_new_tokens=12))
     killed = _run(tmp_path, "*/traces/*shard-00002.jsonl*", 1, "cli", "predict", "-c", str(config))
     assert killed.returncode == KILLED_RC, killed.stderr[-3000:]
     first = {s.name: s.read_bytes() for s in out.glob("shard-*.jsonl")}

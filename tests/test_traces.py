@@ -20,7 +20,7 @@ from rlt_pl.formats import CompactFormat
 from rlt_pl.generation import SamplingConfig
 from rlt_pl.models import ModelConfig
 from rlt_pl.modules.sft import TeacherSFTModule
-from rlt_pl.tiny import build_compact_assets
+from rlt_pl.tiny import build_compact_assets, trace_predict_yaml
 
 TRACE_KEYS = {"id", "question", "solution", "answer", "thought", "matched", "completion_tokens", "reward", "metadata"}
 
@@ -120,27 +120,7 @@ def test_overflow_is_counted_and_handled(compact_dirs, tmp_path):
 def test_sigkill_mid_generation_then_rerun_completes_without_duplicates(compact_dirs, tmp_path):
     out = tmp_path / "traces"
     config = tmp_path / "predict.yaml"
-    config.write_text(
-        f"""
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  logger: false
-  enable_progress_bar: false
-  callbacks:
-    - class_path: rlt_pl.callbacks.trace_writer.TraceWriter
-      init_args: {{output_dir: {out}}}
-model:
-  class_path: rlt_pl.modules.sft.TeacherSFTModule
-  init_args:
-    model: {{name_or_path: {compact_dirs["teacher"]}, dtype: float32}}
-    format: {{class_path: rlt_pl.formats.CompactFormat}}
-    sampling: {{max_new_tokens: 40, temperature: 0.7}}
-data:
-  class_path: rlt_pl.datamodules.addition.AdditionDataModule
-  init_args: {{num_train: 600, num_heldout: 4, batch_size: 20}}
-"""
-    )
+    config.write_text(trace_predict_yaml(out, compact_dirs["teacher"], num_train=600, batch_size=20, max_new_tokens=40))
     cmd = [sys.executable, "-m", "rlt_pl", "predict", "-c", str(config)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

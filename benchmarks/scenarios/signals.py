@@ -102,26 +102,6 @@ def _predict_lost(obs: Observation) -> bool:
     return obs.value["shards"] < obs.value["expected_shards"]
 
 
-PREDICT_YAML = """
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  logger: false
-  enable_progress_bar: false
-  callbacks:
-    - class_path: rlt_pl.callbacks.trace_writer.TraceWriter
-      init_args: {{output_dir: {out}}}
-model:
-  class_path: rlt_pl.modules.sft.TeacherSFTModule
-  init_args:
-    model: {{name_or_path: {teacher}, dtype: float32}}
-    format: {{class_path: rlt_pl.formats.CompactFormat}}
-    sampling: {{max_new_tokens: 24, temperature: {temperature}}}
-data:
-  class_path: rlt_pl.datamodules.addition.AdditionDataModule
-  init_args: {{num_train: {n}, num_heldout: 4, batch_size: {batch}}}
-"""
-
 FIT_YAML = """
 seed_everything: 0
 trainer:
@@ -184,9 +164,9 @@ class KillRuns:
         self.out = tmp / "traces"
 
     def yaml(self, batch: int, temperature: float = 0.7) -> str:
-        return PREDICT_YAML.format(
-            out=self.out, teacher=self.cdirs["teacher"], temperature=temperature, n=N, batch=batch
-        )
+        from rlt_pl.tiny import trace_predict_yaml
+
+        return trace_predict_yaml(self.out, self.cdirs["teacher"], N, batch, max_new_tokens=24, temperature=temperature)
 
     def kill_then_rerun_other_batching(self) -> dict:
         self.tmp.mkdir(parents=True, exist_ok=True)
