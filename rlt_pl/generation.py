@@ -24,6 +24,7 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
 from rlt_pl.distributed import is_sharded
+from rlt_pl.merge import is_kbit_linear
 
 
 @dataclass(frozen=True)
@@ -192,13 +193,9 @@ def no_grad_for_generation(model: torch.nn.Module):
     """`torch.inference_mode()` for sampling (no autograd bookkeeping: ~10% faster decode steps on a small model),
     plain `no_grad` for sharded (FSDP2) or quantized models, whose parameter machinery (all-gather buffers, bitsandbytes
     weight state) must not produce inference tensors that training later reuses. Outputs are the same either way."""
-    if is_sharded(model) or any(_is_kbit(m) for m in model.modules()):
+    if is_sharded(model) or any(is_kbit_linear(m) for m in model.modules()):
         return torch.no_grad()
     return torch.inference_mode()
-
-
-def _is_kbit(module: torch.nn.Module) -> bool:
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
 class GenerationEngine(ABC):

@@ -47,6 +47,11 @@ def _is_8bit_linear(module: torch.nn.Module) -> bool:
     return "bitsandbytes" in sys.modules and isinstance(module, sys.modules["bitsandbytes"].nn.Linear8bitLt)
 
 
+def is_kbit_linear(module: torch.nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer (False without bitsandbytes imported: none can exist)."""
+    return _is_4bit_linear(module) or _is_8bit_linear(module)
+
+
 def dense_weight(linear: torch.nn.Module) -> Tensor:
     """The weight of a linear layer as a dense tensor (NF4 / FP4 weights dequantised; a new tensor, never a view
     that could be written back)."""

@@ -280,7 +280,7 @@ class GRPOModule(CausalLMModule):
         times = dict(buf["times"], loss=t_end - t_loss, total=t_end - t_start)
         if measure:  # ranks' gradients are averaged, so the optimised loss is the mean of their shares
             stats["loss_total"] = [torch.tensor(all_reduce_sum([float(objective)])[0] / n_ranks)]
-        self._log_step(buf, rewards, adv, stats, grad_norm, times)
+        self._log_step(buf, rewards, adv, stats, grad_norm, times, measure)
 
     def _accumulate_pass(
         self, buf, adv, prompt_len, comp_mask, total_tokens, width, stats, measure: bool = True
@@ -376,10 +376,10 @@ class GRPOModule(CausalLMModule):
             return True
         return self._trainer._logger_connector.should_update_logs
 
-    def _log_step(self, buf, rewards, adv, stats, grad_norm, times) -> None:
-        """Log the step: its metrics on logging steps (`logs_this_step`, the same on every rank), else the
-        progress-bar reward; the sample table every `sample_table_every_n_steps`."""
-        if self.logs_this_step():
+    def _log_step(self, buf, rewards, adv, stats, grad_norm, times, measure: bool) -> None:
+        """Log the step: its metrics when `measure` (a logging step, `logs_this_step`, the same on every rank), else
+        the progress-bar reward; the sample table every `sample_table_every_n_steps`."""
+        if measure:
             self._log_metrics(buf, rewards, adv, stats, grad_norm, times)
         else:
             self.log("reward", all_gather_tensor(rewards.detach().float().cpu()).mean(), prog_bar=True, logger=False)
