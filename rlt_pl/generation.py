@@ -127,6 +127,54 @@ def completion_mask_from_ids(completion_ids: Tensor, stop_ids: Sequence[int], pa
     return mask.long()
 
 
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], n: int, sampling: SamplingConfig
+) -> tuple[list[str], Tensor, Tensor]:
+    """(prompts repeated n times, left-padded ids, attention mask): each prompt is tokenized once and its row repeated
+    (the same ids and padding as tokenizing all N); a prompt over `sampling.max_prompt_tokens` is refused."""
+    if n < 1:
+        raise ValueError("n (samples per prompt) must be >= 1")
+    enc = tokenizer(list(prompts), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    ids, attn = (enc[k].repeat_interleave(n, 0) for k in ("input_ids", "attention_mask"))
+    longest = int(attn.sum(-1).max())
+    if sampling.max_prompt_tokens is not None and longest > sampling.max_prompt_tokens:
+        raise ValueError(f"a prompt has {longest} tokens > sampling.max_prompt_tokens={sampling.max_prompt_tokens}")
+    return [p for p in prompts for _ in range(n)], ids, attn
+
+
+def right_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """[N, C] ids of token lists right-padded with `pad_id` (C >= 1), and the [N, C] mask of real tokens."""
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    valid = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        if len(s):
+            ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+            valid[i, : len(s)] = 1
+    return ids, valid
+
+
+def finish_output(
+    tokenizer,
+    repeated: list[str],
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion: Tensor,
+    stops: Sequence[int],
+    pad_id: int,
+    valid: Tensor | None = None,
+) -> GenerationOutput:
+    """The `GenerationOutput` every engine returns: completions masked up to and including the first stop token
+    (within `valid`), padded with `pad_id` after it, `finished` where a stop was sampled, and the decoded texts."""
+    mask = completion_mask_from_ids(completion, stops, valid)
+    # an engine may pad finished rows with pad_id, which may equal a stop id: cut after the first stop either way
+    completion = completion.masked_fill(mask == 0, pad_id)
+    finished = (torch.isin(completion, torch.tensor(list(stops))) & mask.bool()).any(-1)
+    cut = [row[m.bool()].tolist() for row, m in zip(completion, mask)]
+    texts = tokenizer.batch_decode(cut, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return GenerationOutput(prompt_ids, prompt_mask, completion, mask, texts, finished, repeated)
+
+
 def build_generation_config(
     sampling: SamplingConfig, tokenizer, model: torch.nn.Module | None = None
 ) -> GenerationConfig:
@@ -227,17 +275,7 @@ class HFGenerationEngine(GenerationEngine):
     def generate(
         self, model: torch.nn.Module, tokenizer, prompts: Sequence[str], n: int, sampling: SamplingConfig
     ) -> GenerationOutput:
-        if n < 1:
-            raise ValueError("n (samples per prompt) must be >= 1")
-        repeated = [p for p in prompts for _ in range(n)]
-        # each prompt tokenized once, its row repeated n times (the same ids and padding as tokenizing all N)
-        enc = tokenizer(list(prompts), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
-        enc = {k: v.repeat_interleave(n, 0) for k, v in enc.items()}
-        lengths = enc["attention_mask"].sum(-1)
-        if sampling.max_prompt_tokens is not None and int(lengths.max()) > sampling.max_prompt_tokens:
-            raise ValueError(
-                f"a prompt has {int(lengths.max())} tokens > sampling.max_prompt_tokens={sampling.max_prompt_tokens}"
-            )
+        repeated, prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, n, sampling)
         config = build_generation_config(sampling, tokenizer, model)
         stops, pad_id = list(config.eos_token_id), config.pad_token_id
         device = next(model.parameters()).device
@@ -247,8 +285,8 @@ class HFGenerationEngine(GenerationEngine):
         step = self.batch_size or len(repeated)
         with generation_config_in_place(model, config), no_grad_for_generation(model):
             for i in range(0, len(repeated), step):
-                ids = enc["input_ids"][i : i + step].to(device)
-                attn = enc["attention_mask"][i : i + step].to(device)
+                ids = prompt_ids[i : i + step].to(device)
+                attn = prompt_mask[i : i + step].to(device)
                 # synced_gpus (FSDP2): every rank runs decode steps until all ranks are done
                 out = model.generate(
                     input_ids=ids, attention_mask=attn, generation_config=config, synced_gpus=is_sharded(model)
@@ -257,10 +295,4 @@ class HFGenerationEngine(GenerationEngine):
         model.train(was_training)
         width = max(c.shape[1] for c in chunks)
         completion = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
-        mask = completion_mask_from_ids(completion, stops)
-        # generate pads finished rows with pad_id, which may equal a stop id: cut after the first stop either way
-        completion = completion.masked_fill(mask == 0, pad_id)
-        finished = (torch.isin(completion, torch.tensor(stops)) & mask.bool()).any(-1)
-        cut = [row[m.bool()].tolist() for row, m in zip(completion, mask)]
-        texts = tokenizer.batch_decode(cut, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return GenerationOutput(enc["input_ids"], enc["attention_mask"], completion, mask, texts, finished, repeated)
+        return finish_output(tokenizer, repeated, prompt_ids, prompt_mask, completion, stops, pad_id)

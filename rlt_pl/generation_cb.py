@@ -28,8 +28,10 @@ from rlt_pl.generation import (
     GenerationOutput,
     SamplingConfig,
     build_generation_config,
-    completion_mask_from_ids,
+    encode_prompts,
+    finish_output,
     generation_config_in_place,
+    right_padded,
 )
 
 
@@ -106,16 +108,11 @@ class ContinuousBatchingEngine(GenerationEngine):
     def generate(
         self, model: torch.nn.Module, tokenizer, prompts: Sequence[str], n: int, sampling: SamplingConfig
     ) -> GenerationOutput:
-        if n < 1:
-            raise ValueError("n (samples per prompt) must be >= 1")
         self.check_sampling(sampling)
         if is_sharded(model):
             raise ValueError("ContinuousBatchingEngine does not run on a sharded (FSDP) model; use HFGenerationEngine")
-        repeated = [p for p in prompts for _ in range(n)]
-        inputs = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in repeated]
-        longest = max(len(ids) for ids in inputs)
-        if sampling.max_prompt_tokens is not None and longest > sampling.max_prompt_tokens:
-            raise ValueError(f"a prompt has {longest} tokens > sampling.max_prompt_tokens={sampling.max_prompt_tokens}")
+        repeated, prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, n, sampling)
+        inputs = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask)]
         if min(len(ids) for ids in inputs) == 0:
             raise ValueError("an empty prompt (0 tokens) cannot be continued")
         config = build_generation_config(sampling, tokenizer, model)
@@ -158,16 +155,5 @@ class ContinuousBatchingEngine(GenerationEngine):
                 + (f": {failed[0]}" if failed else "")
             )
         generated = [r.generated_tokens[: sampling.max_new_tokens] for r in outputs]
-        width = max(len(g) for g in generated)
-        completion = torch.full((len(generated), width), pad_id, dtype=torch.long)
-        valid = torch.zeros_like(completion)
-        for i, g in enumerate(generated):
-            completion[i, : len(g)] = torch.tensor(g, dtype=torch.long)
-            valid[i, : len(g)] = 1
-        mask = completion_mask_from_ids(completion, stops, valid)
-        completion = completion.masked_fill(mask == 0, pad_id)
-        finished = (torch.isin(completion, torch.tensor(stops)) & mask.bool()).any(-1)
-        cut = [row[m.bool()].tolist() for row, m in zip(completion, mask)]
-        texts = tokenizer.batch_decode(cut, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        enc = tokenizer(repeated, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
-        return GenerationOutput(enc["input_ids"], enc["attention_mask"], completion, mask, texts, finished, repeated)
+        completion, valid = right_padded(generated, pad_id)
+        return finish_output(tokenizer, repeated, prompt_ids, prompt_mask, completion, stops, pad_id, valid)

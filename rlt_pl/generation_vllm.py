@@ -34,7 +34,8 @@ from rlt_pl.generation import (
     GenerationOutput,
     HFGenerationEngine,
     SamplingConfig,
-    completion_mask_from_ids,
+    finish_output,
+    right_padded,
     stop_token_ids,
 )
 from rlt_pl.merge import merged_weights
@@ -312,24 +313,10 @@ def _to_output(tokenizer, repeated: list[str], prompt_ids: list[list[int]], outp
     completions masked up to and including the first stop token)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     width_p = max(len(ids) for ids in prompt_ids)
-    comp = [list(o.outputs[0].token_ids) for o in outputs]
-    width_c = max(1, max(len(c) for c in comp))
     p_ids = torch.full((len(repeated), width_p), pad)
     p_mask = torch.zeros_like(p_ids)
-    c_ids = torch.full((len(repeated), width_c), pad)
-    valid = torch.zeros_like(c_ids)
-    for i, (p, c) in enumerate(zip(prompt_ids, comp)):
+    for i, p in enumerate(prompt_ids):
         p_ids[i, width_p - len(p) :] = torch.tensor(p)
         p_mask[i, width_p - len(p) :] = 1
-        if c:
-            c_ids[i, : len(c)] = torch.tensor(c)
-            valid[i, : len(c)] = 1
-    mask = completion_mask_from_ids(c_ids, stops, valid)
-    c_ids = c_ids.masked_fill(mask == 0, pad)
-    finished = (torch.isin(c_ids, torch.tensor(stops)) & mask.bool()).any(-1)
-    texts = tokenizer.batch_decode(
-        [row[m.bool()].tolist() for row, m in zip(c_ids, mask)],
-        skip_special_tokens=True,
-        clean_up_tokenization_spaces=False,
-    )
-    return GenerationOutput(p_ids, p_mask, c_ids, mask, texts, finished, repeated)
+    c_ids, valid = right_padded([list(o.outputs[0].token_ids) for o in outputs], pad)
+    return finish_output(tokenizer, repeated, p_ids, p_mask, c_ids, stops, pad, valid)
