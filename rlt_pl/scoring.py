@@ -86,13 +86,15 @@ def causal_logprobs(
 ) -> Tensor:
     """Token-aligned log-probs `out[:, j] = log p(x_j | x_<j)` (0 at j = 0 and at padding), chunked by tokens.
 
-    Positions come from the attention mask, so left and right padding are both exact (P12). Rows are grouped by
-    length so each chunk holds at most `token_budget` tokens (rows × padded width); padding columns are trimmed.
+    Left, right and both-side padding are exact (P12). Rows are grouped by length so each chunk holds at most
+    `token_budget` tokens (rows × padded width); padding columns are trimmed. A chunk whose rows are each one run of
+    real tokens (every batch rlt_pl builds) is shifted so each run starts at column 0 and runs with neither attention
+    mask nor position ids (see `_Chunk`); only a mask with holes takes the masked forward.
     With `last_n`, only the last `last_n` columns are scored (the LM head runs on those alone, via
     `logits_to_keep`): GRPO needs the completion, not a long prompt's `[P, V]` logits.
-    With `share_prefix` (frozen scoring models only: the reward's student and teacher forwards), a right-padded
-    chunk whose rows start with the same `SHARED_PREFIX_MIN`+ tokens runs that prefix once and reuses its KV cache
-    for every row. Policy forwards never pass it, so no cache is built for a model under gradient checkpointing.
+    With `share_prefix` (frozen scoring models only: the reward's student and teacher forwards), a chunk whose rows
+    start with the same `SHARED_PREFIX_MIN`+ tokens runs that prefix once and reuses its KV cache for every row.
+    Policy forwards never pass it, so no cache is built for a model under gradient checkpointing.
     """
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     lengths = attention_mask.sum(-1)
@@ -107,54 +109,104 @@ def causal_logprobs(
         lo, hi = int(keep.min()) if keep.numel() else 0, int(keep.max()) + 1 if keep.numel() else 1
         k = hi - max(lo, input_ids.shape[1] - last_n) if last_n is not None else hi - lo
         if k > 0:
-            chunks.append((rows, lo, hi, k))
-    plans = [
-        (rows, lo, hi, k, _shared_prefix(input_ids[rows, lo:hi], attention_mask[rows, lo:hi], hi - k - lo))
-        if share_prefix
-        else (rows, lo, hi, k, 0)
-        for rows, lo, hi, k in chunks
-    ]
-    pad_forward_calls(model, sum(1 + (p > 0) for *_, p in plans))  # sharded: the busiest rank's count (agreed first)
-    for rows, lo, hi, k, p in plans:
-        ids, attn = input_ids[rows, lo:hi], attention_mask[rows, lo:hi]
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        prev = torch.nn.functional.pad(attn[:, :-1], (1, 0))  # a row's first real token has no context: 0
-        lp = _prefix_shared_logprobs(model, ids, pos, p, k, temperature) if p > 0 else None
-        if lp is None:  # no shared prefix, or the model returned no KV cache (then the prefix forward is wasted)
-            mask_arg = None if only_right_padding(attn) else attn  # causal attention alone is exact (see below)
-            # use_cache=False: a scoring forward has no next step, a KV cache would be built (and held) for nothing
-            kw = dict(input_ids=ids, attention_mask=mask_arg, position_ids=pos, use_cache=False)
-            if k < hi - lo:
-                logits = model(**kw, logits_to_keep=k + 1).logits
-                lp = token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:]
-            else:
-                logits = model(**kw).logits
-                lp = token_logprobs(logits, ids, temperature)
-        out[rows, hi - k : hi] = (lp * attn[:, -k:] * prev[:, -k:]).float()
+            chunks.append(_Chunk(rows, lo, hi, k, input_ids[rows, lo:hi], attention_mask[rows, lo:hi], share_prefix))
+    pad_forward_calls(model, sum(c.forwards for c in chunks))  # sharded: the busiest rank's count (agreed first)
+    for c in chunks:
+        prev = torch.nn.functional.pad(c.attn[:, :-1], (1, 0))  # a row's first real token has no context: 0
+        lp = c.logprobs(model, temperature)
+        out[c.rows, c.hi - c.k : c.hi] = (lp * c.attn[:, -c.k :] * prev[:, -c.k :]).float()
     return out
 
 
-def _shared_prefix(ids: Tensor, attn: Tensor, first_scored: int) -> int:
+class _Chunk:
+    """One forward's rows of `causal_logprobs`: columns `[lo, hi)`, the last `k` scored.
+
+    When every row is one run of real tokens (`contiguous_lead`), each row is shifted left by its leading padding, so
+    the chunk is real tokens then padding and the model runs with neither attention mask nor position ids: under
+    causal attention a real token never sees the padding after it, and default positions equal the mask's. Both
+    arguments would make transformers build and apply a `[B, 1, L, L]` mask (position ids that stop increasing in
+    the padding read as packed sequences), which on CPU costs ~2.5x in attention. The scored window is widened to
+    cover every row's shifted columns, then mapped back. `prefix` > 0: the shifted rows share that many leading
+    tokens, run once (`_prefix_shared_logprobs`)."""
+
+    def __init__(self, rows: list[int], lo: int, hi: int, k: int, ids: Tensor, attn: Tensor, share: bool) -> None:
+        self.rows, self.lo, self.hi, self.k, self.ids, self.attn = rows, lo, hi, k, ids, attn
+        self.lead = contiguous_lead(attn)
+        self.prefix = 0
+        if self.lead is not None:
+            width = ids.shape[1]
+            length = attn.sum(-1)
+            self.cols = torch.arange(width, device=ids.device)
+            self.width = max(int(length.max()), 1)  # shifted width
+            self.shifted = ids.gather(1, (self.cols + self.lead[:, None]).clamp(max=width - 1))[:, : self.width]
+            self.kr = self.width - int((width - k - self.lead).clamp(min=0).min())  # scored columns, shifted
+            if share:
+                real = self.cols[: self.width] < length[:, None]
+                self.prefix = _shared_prefix(self.shifted, real, self.width - self.kr)
+
+    @property
+    def forwards(self) -> int:
+        return 1 + (self.prefix > 0)
+
+    def logprobs(self, model: torch.nn.Module, temperature: float) -> Tensor:
+        """[rows, k] log-probs of the chunk's last k columns (garbage at padding: the caller masks)."""
+        if self.lead is None:  # a row with holes in its mask: the masked forward, positions from the mask
+            return _masked_logprobs(model, self.ids, self.attn, self.k, temperature)
+        ids, w, kr = self.shifted, self.width, self.kr
+        lp = _prefix_shared_logprobs(model, ids, self.prefix, kr, temperature) if self.prefix > 0 else None
+        if lp is None:  # no shared prefix, or the model returned no KV cache (then the prefix forward is wasted)
+            # use_cache=False: a scoring forward has no next step, a KV cache would be built (and held) for nothing
+            if kr < w:
+                logits = model(input_ids=ids, logits_to_keep=kr + 1, use_cache=False).logits
+                lp = token_logprobs(logits, ids[:, -(kr + 1) :], temperature)[:, 1:]
+            else:
+                lp = token_logprobs(model(input_ids=ids, use_cache=False).logits, ids, temperature)
+        full = torch.nn.functional.pad(lp, (w - kr, 0))  # [rows, w], shifted columns
+        back = (self.cols[self.ids.shape[1] - self.k :] - self.lead[:, None]).clamp(0, w - 1)
+        return full.gather(1, back)
+
+
+def contiguous_lead(attention_mask: Tensor) -> Tensor | None:
+    """[B] leading padding columns per row when each row's real tokens form one run (left, right or both-side
+    padding: a GRPO batch is `[left-padded prompt ‖ right-padded completion]`); None when some row has a hole."""
+    width = attention_mask.shape[1]
+    real = attention_mask.bool()
+    lead = real.int().argmax(-1)
+    last = width - 1 - real.flip(-1).int().argmax(-1)
+    length = real.sum(-1)
+    ok = (length == 0) | (last - lead + 1 == length)
+    return lead if bool(ok.all()) else None
+
+
+def _masked_logprobs(model: torch.nn.Module, ids: Tensor, attn: Tensor, k: int, temperature: float) -> Tensor:
+    """Log-probs of the last `k` columns with the attention mask and mask-derived positions (rows with holes)."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    if k < ids.shape[1]:
+        logits = model(**kw, logits_to_keep=k + 1).logits
+        return token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:]
+    return token_logprobs(model(**kw).logits, ids, temperature)
+
+
+def _shared_prefix(ids: Tensor, real: Tensor, first_scored: int) -> int:
     """Leading columns that every row of a right-padded chunk shares (real tokens, same ids), capped at the first
     scored column; 0 (no sharing) below `SHARED_PREFIX_MIN` tokens or a `SHARED_PREFIX_SAVING` fraction of the
-    chunk, for a single row, or with left padding."""
+    chunk, or for a single row."""
     rows, width = ids.shape
-    if rows < 2 or not only_right_padding(attn):
+    if rows < 2:
         return 0
-    same = ((ids == ids[:1]) & attn.bool()).all(0)
+    same = ((ids == ids[:1]) & real).all(0)
     p = int(same.long().cumprod(0).sum())
     p = min(p, max(first_scored, 1), width - 1)
     return p if p >= SHARED_PREFIX_MIN and (rows - 1) * p >= SHARED_PREFIX_SAVING * rows * width else 0
 
 
-def _prefix_shared_logprobs(
-    model: torch.nn.Module, ids: Tensor, pos: Tensor, p: int, k: int, temperature: float
-) -> Tensor:
+def _prefix_shared_logprobs(model: torch.nn.Module, ids: Tensor, p: int, k: int, temperature: float) -> Tensor:
     """Log-probs of the last `k` columns of a right-padded chunk whose rows share their first `p` tokens (a GRPO
     group's prompt, the student's system prompt + question): the prefix runs once, its KV cache is repeated per row
     and only the suffixes run (`p <= width - k`, so every scored token lies after the prefix or is its successor).
     None when the forward returned no cache (a model that turns caching off)."""
-    head = model(input_ids=ids[:1, :p], position_ids=pos[:1, :p], use_cache=True, logits_to_keep=1)
+    head = model(input_ids=ids[:1, :p], use_cache=True, logits_to_keep=1)
     name = "cache" if "cache" in head else "past_key_values"  # the KV cache's name since transformers 5 / before
     if head.get(name) is None:
         return None
@@ -162,7 +214,7 @@ def _prefix_shared_logprobs(
     cache.batch_repeat_interleave(ids.shape[0])
     width = ids.shape[1]
     keep = min(k + 1, width - p)
-    logits = model(input_ids=ids[:, p:], position_ids=pos[:, p:], logits_to_keep=keep, **{name: cache}).logits
+    logits = model(input_ids=ids[:, p:], logits_to_keep=keep, **{name: cache}).logits  # positions follow the cache
     if k + 1 > width - p:  # the first suffix token is scored by the prefix's last logits
         logits = torch.cat([head.logits.expand(ids.shape[0], -1, -1), logits], dim=1)
     return token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:]

@@ -1,15 +1,20 @@
-"""Right-padded batches run without an attention mask: same log-probs (1e-5) as the masked forward, and left or
-inner padding still gets the mask."""
+"""Batches whose rows are one run of real tokens (right, left or both-side padding) run without attention mask or
+position ids, shifted to column 0: same log-probs (1e-5) as each row alone; a mask with holes still gets the mask.
+
+Either argument makes transformers build and apply a [B, 1, L, L] mask (position ids that stop increasing in the
+padding read as packed sequences), ~2.5x the attention cost on CPU (benchmarks B1).
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlt_pl.scoring import causal_logprobs, only_right_padding
 
 
 class Spy(torch.nn.Module):
-    """Records whether each forward got an attention mask."""
+    """Records whether each forward got an attention mask or position ids."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -17,7 +22,7 @@ class Spy(torch.nn.Module):
         self.masks: list[bool] = []
 
     def forward(self, **kwargs):
-        self.masks.append(kwargs.get("attention_mask") is not None)
+        self.masks.append(kwargs.get("attention_mask") is not None or kwargs.get("position_ids") is not None)
         return self.model(**kwargs)
 
 
@@ -27,24 +32,42 @@ def test_only_right_padding():
     assert not only_right_padding(torch.tensor([[1, 0, 1]]))  # a hole
 
 
-def test_right_padded_forward_drops_the_mask_and_matches(teacher_model):
+def _rows_alone(model, ids, attn, temperature):
+    out = []
+    for i in range(ids.shape[0]):
+        real = attn[i].bool()
+        out.append(causal_logprobs(model, ids[i : i + 1, real], attn[i : i + 1, real], temperature)[0])
+    return out
+
+
+@pytest.mark.parametrize("last_n", [None, 7])
+@pytest.mark.parametrize("layout", ["right", "left", "both"])
+def test_one_run_per_row_drops_mask_and_positions_and_matches(teacher_model, layout: str, last_n) -> None:
     torch.manual_seed(0)
-    ids = torch.randint(3, 500, (3, 12))
-    attn = torch.ones_like(ids)
-    attn[1, 9:] = 0
-    attn[2, 5:] = 0
+    ids = torch.randint(3, 500, (4, 14))
+    attn = torch.zeros_like(ids)
+    spans = {"right": [(0, 14), (0, 9), (0, 5), (0, 12)], "left": [(0, 14), (5, 14), (9, 14), (2, 14)]}
+    spans["both"] = [(0, 11), (3, 14), (4, 9), (1, 13)]
+    for i, (a, b) in enumerate(spans[layout]):
+        attn[i, a:b] = 1
     ids[attn == 0] = 0
     spy = Spy(teacher_model)
-    got = causal_logprobs(spy, ids, attn, temperature=0.7)
+    got = causal_logprobs(spy, ids, attn, temperature=0.7, last_n=last_n)
     assert spy.masks == [False]
-    per_row = [
-        causal_logprobs(teacher_model, ids[i : i + 1, : int(attn[i].sum())], attn[i : i + 1, : int(attn[i].sum())], 0.7)
-        for i in range(3)
-    ]
-    for i, ref in enumerate(per_row):
-        torch.testing.assert_close(got[i, : ref.shape[1]], ref[0], atol=1e-5, rtol=0)
-        assert bool((got[i, ref.shape[1] :] == 0).all())
-    left = torch.flip(attn, [1])
-    spy.masks.clear()
-    causal_logprobs(spy, torch.flip(ids, [1]), left, temperature=0.7)
+    for i, ref in enumerate(_rows_alone(teacher_model, ids, attn, 0.7)):
+        real = attn[i].bool()
+        scored = torch.zeros_like(real)
+        scored[-(last_n or ids.shape[1]) :] = True
+        want = torch.zeros(ids.shape[1])
+        want[real] = ref
+        torch.testing.assert_close(got[i], want * scored, atol=1e-5, rtol=0)
+
+
+def test_a_mask_with_holes_keeps_the_mask(teacher_model) -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(3, 500, (2, 10))
+    attn = torch.ones_like(ids)
+    attn[0, 4] = 0
+    spy = Spy(teacher_model)
+    causal_logprobs(spy, ids, attn, temperature=0.7)
     assert spy.masks == [True]
