@@ -6,8 +6,12 @@ occurrence, spec §2.3), runs one teacher and one student forward and reduces (s
 
 Measured per (model size, G, explanation length): completions/s of
 - `per_sample`: the authors' loop;
-- `sampled`: one batched policy forward over `[prompt ‖ completion]` (as GRPO runs it) + `teacher_logprobs_from_policy`
-  + `RLTScorer.score` (the training path, teacher forward included so the comparison is like for like);
+- `sampled`: one batched policy forward over `[prompt ‖ completion]` (`GRPOModule.policy_logprobs`) +
+  `teacher_logprobs_from_policy` + `RLTScorer.score` (the training path with `sampler_logprobs=False`, or with an
+  engine that records no log-probs: the teacher forward included so the comparison is like for like);
+- `sampler`: the default training path (`GRPOModule.rollout_logprobs`, μ = 1): the completion log-probs the sampler
+  recorded while generating (here computed untimed by a KV-cached decode of the same ids, as generation does) + one
+  prompt-tail forward per distinct prompt + `teacher_logprobs_from_policy` + `RLTScorer.score`;
 - `score_only`: `RLTScorer.score` given the teacher tokens (the reward's own cost on top of the policy forward);
 - `text`: `RLTScorer.score` with the teacher re-run from text (parity path);
 - `bare`: one batched no-grad student forward over the same right-padded student batch (the physical floor).
@@ -18,12 +22,14 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 
 from benchmarks import interleaved_medians, load_model, load_tokenizer, short_format
 from rlt_pl.formats import RLTFormat
-from rlt_pl.modules.grpo import PROMPT_TAIL_TOKENS
+from rlt_pl.generation import GenerationOutput
+from rlt_pl.modules.grpo import PROMPT_TAIL_TOKENS, GRPOModule
 from rlt_pl.rewards import RewardConfig
 from rlt_pl.scoring import RLTScorer, causal_logprobs, teacher_logprobs_from_policy
 
@@ -96,6 +102,37 @@ def sampled_ids(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     return {"prompt_ids": p["input_ids"], "prompt_mask": p["attention_mask"], "completion_ids": ids, "mask": mask}
+
+
+@torch.no_grad()
+def decoded_logprobs(model: torch.nn.Module, ids: dict, temperature: float) -> torch.Tensor:
+    """[N, C] log-probs of the completion ids as a sampler records them: a prefill of the prompt, then one KV-cached
+    decode step per completion token, each scoring the next token under softmax(logits / T); 0 at padding.
+
+    Args:
+        model: the teacher.
+        ids: `sampled_ids(...)` output (left-padded prompts, right-padded completions).
+        temperature: the sampling temperature.
+    """
+    full = torch.cat([ids["prompt_ids"], ids["completion_ids"]], 1)
+    attn = torch.cat([ids["prompt_mask"], ids["mask"]], 1)
+    p = ids["prompt_ids"].shape[1]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=full[:, :p], attention_mask=attn[:, :p], position_ids=pos[:, :p], use_cache=True)
+    name = "cache" if "cache" in out else "past_key_values"  # the KV cache's name since transformers 5 / before
+    cache, logits, cols = out[name], out.logits[:, -1], []
+    for j in range(ids["completion_ids"].shape[1]):
+        token = full[:, p + j]
+        cols.append(torch.log_softmax(logits.float() / temperature, -1).gather(1, token[:, None]).squeeze(1))
+        step = model(
+            input_ids=token[:, None],
+            attention_mask=attn[:, : p + j + 1],
+            position_ids=pos[:, p + j : p + j + 1],
+            use_cache=True,
+            **{name: cache},
+        )
+        cache, logits = step[name], step.logits[:, -1]
+    return torch.stack(cols, 1) * ids["mask"]
 
 
 # ------------------------------------------------------------------ the authors' per-sample loop (comparison only)
@@ -224,7 +261,9 @@ def bench_config(teacher, student, tokenizer, group: int, n_tokens: int, repeats
         full = torch.cat([ids["prompt_ids"], ids["completion_ids"]], 1)
         attn = torch.cat([ids["prompt_mask"], ids["mask"]], 1)
         last_n = ids["completion_ids"].shape[1] + PROMPT_TAIL_TOKENS  # as `GRPOModule.policy_logprobs`
-        lp = causal_logprobs(teacher, full, attn, config.teacher_temperature, token_budget, last_n=last_n)
+        lp = causal_logprobs(
+            teacher, full, attn, config.teacher_temperature, token_budget, last_n=last_n, share_prefix=True
+        )
         return teacher_logprobs_from_policy(
             fmt,
             scorer.offsets,
@@ -239,6 +278,42 @@ def bench_config(teacher, student, tokenizer, group: int, n_tokens: int, repeats
 
     def sampled():
         return scorer.score(q, s, c, policy_tokens(), teacher, p)
+
+    gen = GenerationOutput(
+        ids["prompt_ids"],
+        ids["prompt_mask"],
+        ids["completion_ids"],
+        ids["mask"],
+        list(c),
+        torch.ones(group).bool(),
+        list(p),
+        decoded_logprobs(teacher, ids, config.teacher_temperature),
+        config.teacher_temperature,
+    )
+    host = SimpleNamespace(
+        model=teacher,
+        device=torch.device("cpu"),
+        token_budget=token_budget,
+        sampler_logprobs=True,
+        num_iterations=1,
+        loss_temperature=config.teacher_temperature,
+    )
+
+    def sampler():
+        lp = GRPOModule.rollout_logprobs(host, gen)
+        full_width = lp.shape[1]
+        tokens = teacher_logprobs_from_policy(
+            fmt,
+            scorer.offsets,
+            ids["prompt_ids"],
+            ids["prompt_mask"],
+            ids["completion_ids"],
+            ids["mask"],
+            c,
+            lp,
+            scored_from=max(0, full_width - ids["completion_ids"].shape[1] - PROMPT_TAIL_TOKENS),
+        )
+        return scorer.score(q, s, c, tokens, teacher, p)
 
     tokens = policy_tokens()
     rendered = [
@@ -255,31 +330,36 @@ def bench_config(teacher, student, tokenizer, group: int, n_tokens: int, repeats
 
     fns = {
         "sampled": sampled,
+        "sampler": sampler,
         "score": lambda: scorer.score(q, s, c, tokens, teacher, p),
         "text": lambda: scorer.score(q, s, c, None, teacher, p),
         "bare": bare,
         "per_sample": per_sample,  # many forwards inside: self-warming
     }
-    t = interleaved_medians(fns, repeats, warmup=("sampled", "score", "text", "bare"))
+    t = interleaved_medians(fns, repeats, warmup=("sampled", "sampler", "score", "text", "bare"))
     t_sampled, t_score, t_text, t_bare, t_per = (t[k] for k in ("sampled", "score", "text", "bare", "per_sample"))
     batched = sampled()
     reference = torch.tensor(per_sample(), dtype=torch.float32)
     text = scorer.score(q, s, c, None, teacher, p).output.reward.float()
     found = ~torch.isnan(reference)
     diff = (batched.output.reward.float() - reference)[found].abs()
+    diff_sampler = (sampler().output.reward.float() - reference)[found].abs()
     return {
         "G": group,
         "expl_tokens": int(tokens.mask.sum(-1).float().mean()),
         "student_len": int(enc["attention_mask"].sum(-1).max()),
         "per_sample_cps": group / t_per,
         "sampled_cps": group / t_sampled,
+        "sampler_cps": group / t["sampler"],
         "text_cps": group / t_text,
+        "speedup_sampler": t_per / t["sampler"],
         "speedup_sampled": t_per / t_sampled,
         "speedup_text": t_per / t_text,
         "score_only_vs_bare": t_score / t_bare,
         "sampled_vs_bare": t_sampled / t_bare,
         "bare_s": t_bare,
         "max_abs_diff": float(diff.max()) if diff.numel() else float("nan"),
+        "sampler_max_abs_diff": float(diff_sampler.max()) if diff_sampler.numel() else float("nan"),
         "text_vs_sampled_diff": float((text - batched.output.reward.float()).abs().max()),
         "span_not_found": int((~found).sum()),
         "token_mismatch": int(batched.counts.get("token_mismatch", 0)),
@@ -303,4 +383,4 @@ def run(assets: dict, grid: dict[str, list[tuple[int, int]]], repeats: int = 3, 
             row = {"model": size} | bench_config(teacher, student, tokenizer, group, n_tokens, repeats, token_budget)
             rows.append(row)
             print(f"[b1] {row}", flush=True)
-    return {"rows": rows, "max_abs_diff": max(r["max_abs_diff"] for r in rows)}
+    return {"rows": rows, "max_abs_diff": max(max(r["max_abs_diff"], r["sampler_max_abs_diff"]) for r in rows)}

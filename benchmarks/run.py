@@ -104,7 +104,7 @@ def targets(results: dict, headline: tuple[str, int, int]) -> dict:
     }
     row = _headline_row(results.get("b1", {}).get("rows", []), headline)
     if row is not None:
-        out["b1_speedup_vs_per_sample_g16"] = row["speedup_sampled"]
+        out["b1_speedup_vs_per_sample_g16"] = row["speedup_sampler"]
         out["b1_cost_vs_bare_forward"] = row["score_only_vs_bare"]
     b2 = results.get("b2", {})
     if "ratio" in b2:
@@ -142,9 +142,11 @@ def render(results: dict) -> str:
     if b1:
         lines += ["## B1 reward throughput (completions/s; speedups vs the authors' per-sample loop)", ""]
         lines += [
-            "`sampled` = batched policy forward + `teacher_logprobs_from_policy` + `RLTScorer.score`; "
+            "`sampler` = the default training path (μ = 1): the sampler's recorded log-probs + one prompt-tail forward "
+            "per distinct prompt + `teacher_logprobs_from_policy` + `RLTScorer.score`; "
+            "`sampled` = the same with a batched policy forward instead of the sampler's log-probs; "
             "`score_only_vs_bare` = `score` given teacher tokens / one bare batched student forward; "
-            "`max_abs_diff` = batched vs per-sample reward.",
+            "`max_abs_diff` / `sampler_max_abs_diff` = batched / sampler path vs per-sample reward.",
             "",
         ]
         lines += [md_table(b1["rows"])]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from rlt_pl.distributed import is_sharded
 from rlt_pl.merge import is_kbit_linear
@@ -68,6 +68,14 @@ class SamplingConfig:
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"sampling.max_prompt_tokens must be >= 1 or null, got {self.max_prompt_tokens}")
 
+    @property
+    def samples_tempered_logits(self) -> bool:
+        """Whether tokens are drawn from softmax(logits / temperature) itself: temperature > 0 and no top-p, top-k,
+        min-p or repetition penalty. Then the sampler's log-probs are the policy's log-probs at that temperature
+        (engines record them as `GenerationOutput.logprobs`)."""
+        plain = self.top_p == 1 and not self.top_k and self.min_p == 0 and self.repetition_penalty == 1
+        return self.temperature > 0 and plain
+
 
 @dataclass
 class GenerationOutput:
@@ -79,6 +87,9 @@ class GenerationOutput:
         texts: decoded completions without special tokens (what rewards parse).
         finished: [N] bool, the completion stopped (EOS/stop string) before `max_new_tokens`.
         prompts: the prompt string of each completion (repeated n times per prompt, like the ids).
+        logprobs: [N, C] fp32 log-prob of each sampled token under the distribution it was drawn from, recorded by
+            the sampler (0 after the completion mask), when sampling was `samples_tempered_logits`; else None.
+        logprobs_temperature: the temperature `logprobs` are at (the sampling temperature), or None.
     """
 
     prompt_ids: Tensor
@@ -88,6 +99,8 @@ class GenerationOutput:
     texts: list[str]
     finished: Tensor
     prompts: list[str]
+    logprobs: Tensor | None = None
+    logprobs_temperature: float | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -163,16 +176,22 @@ def finish_output(
     stops: Sequence[int],
     pad_id: int,
     valid: Tensor | None = None,
+    logprobs: Tensor | None = None,
+    temperature: float | None = None,
 ) -> GenerationOutput:
     """The `GenerationOutput` every engine returns: completions masked up to and including the first stop token
-    (within `valid`), padded with `pad_id` after it, `finished` where a stop was sampled, and the decoded texts."""
+    (within `valid`), padded with `pad_id` after it, `finished` where a stop was sampled, the decoded texts, and the
+    sampler's `logprobs` [N, C] at `temperature` (masked like the completion) when the engine recorded them."""
     mask = completion_mask_from_ids(completion, stops, valid)
     # an engine may pad finished rows with pad_id, which may equal a stop id: cut after the first stop either way
     completion = completion.masked_fill(mask == 0, pad_id)
     finished = (torch.isin(completion, torch.tensor(list(stops))) & mask.bool()).any(-1)
     cut = [row[m.bool()].tolist() for row, m in zip(completion, mask)]
     texts = tokenizer.batch_decode(cut, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return GenerationOutput(prompt_ids, prompt_mask, completion, mask, texts, finished, repeated)
+    if logprobs is not None:
+        logprobs = logprobs.float() * mask
+    temperature = temperature if logprobs is not None else None
+    return GenerationOutput(prompt_ids, prompt_mask, completion, mask, texts, finished, repeated, logprobs, temperature)
 
 
 def build_generation_config(
@@ -281,18 +300,73 @@ class HFGenerationEngine(GenerationEngine):
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        chunks = []
+        chunks, lps = [], []
         step = self.batch_size or len(repeated)
+        record = sampling.samples_tempered_logits
         with generation_config_in_place(model, config), no_grad_for_generation(model):
             for i in range(0, len(repeated), step):
                 ids = prompt_ids[i : i + step].to(device)
                 attn = prompt_mask[i : i + step].to(device)
+                recorder = SampledLogprobs(sampling.temperature) if record else None
                 # synced_gpus (FSDP2): every rank runs decode steps until all ranks are done
                 out = model.generate(
-                    input_ids=ids, attention_mask=attn, generation_config=config, synced_gpus=is_sharded(model)
+                    input_ids=ids,
+                    attention_mask=attn,
+                    generation_config=config,
+                    synced_gpus=is_sharded(model),
+                    logits_processor=LogitsProcessorList([recorder] if record else []),
                 )
                 chunks.append(out[:, ids.shape[1] :].cpu())
+                if recorder is not None:
+                    lps.append(recorder.finish(out[:, -1]).cpu())
         model.train(was_training)
         width = max(c.shape[1] for c in chunks)
         completion = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
-        return finish_output(tokenizer, repeated, prompt_ids, prompt_mask, completion, stops, pad_id)
+        logprobs = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in lps]) if record else None
+        return finish_output(
+            tokenizer,
+            repeated,
+            prompt_ids,
+            prompt_mask,
+            completion,
+            stops,
+            pad_id,
+            None,
+            logprobs,
+            sampling.temperature,
+        )
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records the log-prob of each sampled token under softmax(logits / T), the distribution `generate` draws from
+    under `SamplingConfig.samples_tempered_logits`.
+
+    `generate` runs custom processors after its logits processors and before its warpers (temperature, top-k/p), so
+    this one sees the logits themselves and applies T. The token drawn from step t's scores is known at step t + 1
+    (the last column of `input_ids`), so each step keeps its scores and log-normaliser until then; `finish` takes the
+    last step's token. No `[steps, B, V]` history is kept."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.prev: tuple[Tensor, Tensor] | None = None
+        self.columns: list[Tensor] = []
+
+    def _take(self, tokens: Tensor) -> None:
+        scores, lse = self.prev
+        self.columns.append(scores.gather(1, tokens[:, None]).squeeze(1) - lse)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.prev is not None:
+            self._take(input_ids[:, -1])
+        tempered = scores.float() / self.temperature
+        self.prev = (tempered, torch.logsumexp(tempered, -1))
+        return scores
+
+    def finish(self, last_tokens: Tensor) -> Tensor:
+        """[B, steps] log-probs, given the tokens of the last step."""
+        if self.prev is not None:
+            self._take(last_tokens)
+            self.prev = None
+        return (
+            torch.stack(self.columns, 1) if self.columns else last_tokens.new_zeros((last_tokens.shape[0], 0)).float()
+        )

@@ -130,6 +130,7 @@ class ContinuousBatchingEngine(GenerationEngine):
             max_batch_tokens=batch_tokens,
             max_requests_per_batch=len(inputs),
             seed=self._call_seed(),
+            return_logprobs=sampling.samples_tempered_logits,
         )
         device = next(model.parameters()).device
         was_training = model.training
@@ -156,4 +157,25 @@ class ContinuousBatchingEngine(GenerationEngine):
             )
         generated = [r.generated_tokens[: sampling.max_new_tokens] for r in outputs]
         completion, valid = right_padded(generated, pad_id)
-        return finish_output(tokenizer, repeated, prompt_ids, prompt_mask, completion, stops, pad_id, valid)
+        logprobs = None
+        if sampling.samples_tempered_logits:  # log of the sampled token's probability under softmax(logits / T)
+            logprobs = torch.zeros(completion.shape, dtype=torch.float32)
+            for i, r in enumerate(outputs):
+                row = r.logprobs[: len(generated[i])]
+                if len(row) != len(generated[i]):
+                    raise RuntimeError(
+                        f"continuous batching returned {len(row)} log-probs for {len(generated[i])} tokens"
+                    )
+                logprobs[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        return finish_output(
+            tokenizer,
+            repeated,
+            prompt_ids,
+            prompt_mask,
+            completion,
+            stops,
+            pad_id,
+            valid,
+            logprobs,
+            sampling.temperature,
+        )

@@ -92,9 +92,10 @@ def causal_logprobs(
     mask nor position ids (see `_Chunk`); only a mask with holes takes the masked forward.
     With `last_n`, only the last `last_n` columns are scored (the LM head runs on those alone, via
     `logits_to_keep`): GRPO needs the completion, not a long prompt's `[P, V]` logits.
-    With `share_prefix` (frozen scoring models only: the reward's student and teacher forwards), a chunk whose rows
-    start with the same `SHARED_PREFIX_MIN`+ tokens runs that prefix once and reuses its KV cache for every row.
-    Policy forwards never pass it, so no cache is built for a model under gradient checkpointing.
+    With `share_prefix`, a chunk whose rows start with the same `SHARED_PREFIX_MIN`+ tokens (a GRPO group's prompt,
+    the student's system prompt + question) runs that prefix once and reuses its KV cache for every row. This is a
+    no-grad function, so the cache is built even for a model under gradient checkpointing; a model that returns
+    none falls back to the plain forward.
     """
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     lengths = attention_mask.sum(-1)
@@ -138,7 +139,7 @@ class _Chunk:
             length = attn.sum(-1)
             self.cols = torch.arange(width, device=ids.device)
             self.width = max(int(length.max()), 1)  # shifted width
-            self.shifted = ids.gather(1, (self.cols + self.lead[:, None]).clamp(max=width - 1))[:, : self.width]
+            self.shifted = shift_to_front(ids, self.lead)[:, : self.width]
             self.kr = self.width - int((width - k - self.lead).clamp(min=0).min())  # scored columns, shifted
             if share:
                 real = self.cols[: self.width] < length[:, None]
@@ -164,6 +165,13 @@ class _Chunk:
         full = torch.nn.functional.pad(lp, (w - kr, 0))  # [rows, w], shifted columns
         back = (self.cols[self.ids.shape[1] - self.k :] - self.lead[:, None]).clamp(0, w - 1)
         return full.gather(1, back)
+
+
+def shift_to_front(ids: Tensor, lead: Tensor) -> Tensor:
+    """Each row shifted left by its `lead` [B] (its leading padding); the freed tail repeats the row's last column
+    (padding the caller masks). With `contiguous_lead`, every row becomes real tokens then padding."""
+    cols = torch.arange(ids.shape[1], device=ids.device)
+    return ids.gather(1, (cols + lead[:, None]).clamp(max=ids.shape[1] - 1))
 
 
 def contiguous_lead(attention_mask: Tensor) -> Tensor | None:

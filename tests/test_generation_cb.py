@@ -186,3 +186,35 @@ def test_refuses_a_sharded_model(sharp, monkeypatch):
     monkeypatch.setattr("rlt_pl.generation_cb.is_sharded", lambda m: True)
     with pytest.raises(ValueError, match="sharded"):
         ContinuousBatchingEngine().generate(model, tok, PROMPTS, 1, SamplingConfig(max_new_tokens=4))
+
+
+@pytest.mark.parametrize("engine", ["hf", "hf_chunked", "cb"])
+def test_sampler_logprobs_equal_the_policy_forward(sharp, engine):
+    """With plain tempered sampling, the log-probs each engine records while sampling equal a full forward's
+    log-probs of the sampled ids at that temperature (1e-5), 0 after the completion mask; with a truncating filter
+    (top-p) nothing is recorded, since the sampled distribution is no longer softmax(logits / T)."""
+    from rlt_pl.scoring import causal_logprobs
+
+    model, tok = sharp
+    make = {
+        "hf": HFGenerationEngine,
+        "hf_chunked": lambda: HFGenerationEngine(batch_size=4),
+        "cb": lambda: ContinuousBatchingEngine(page_size=8),
+    }[engine]
+    torch.manual_seed(0)
+    free = make().generate(model, tok, PROMPTS, 2, SamplingConfig(max_new_tokens=16, temperature=0.7))
+    stop = _single_token_stop(tok, free.completion_ids[0].tolist())  # the same draws then stop row 0 early
+    torch.manual_seed(0)
+    sampling = SamplingConfig(max_new_tokens=16, temperature=0.7, stop_strings=(stop,))
+    out = make().generate(model, tok, PROMPTS, 2, sampling)
+    lengths = out.completion_mask.sum(-1)
+    assert int(lengths.min()) < int(lengths.max()), "want completions of different lengths"
+    assert out.logprobs is not None and out.logprobs_temperature == 0.7
+    ids = torch.cat([out.prompt_ids, out.completion_ids], 1)
+    attn = torch.cat([out.prompt_mask, out.completion_mask], 1)
+    want = causal_logprobs(model, ids, attn, 0.7)[:, out.prompt_ids.shape[1] :]
+    torch.testing.assert_close(out.logprobs, want, atol=1e-5, rtol=0)
+    assert bool((out.logprobs[out.completion_mask == 0] == 0).all())
+    assert float(out.logprobs[out.completion_mask.bool()].max()) < 0
+    filtered = make().generate(model, tok, PROMPTS, 1, SamplingConfig(max_new_tokens=4, temperature=0.7, top_p=0.9))
+    assert filtered.logprobs is None and filtered.logprobs_temperature is None

@@ -161,7 +161,8 @@ def test_scoring_and_loss_forwards_build_no_kv_cache(compact_dirs, monkeypatch):
 
 
 def test_generation_is_lean_and_unchanged(compact_dirs, monkeypatch):
-    """Only the temperature processor runs per decode step (no no-op min-length one), decode steps run under
+    """Only the sampler's log-prob recorder and the temperature warper run per decode step, in that order (the recorder
+    sees the logits before temperature; no no-op min-length processor), decode steps run under
     inference mode, prompts are tokenized once per prompt with the same ids as tokenizing every repeat, and the
     outputs still train (they are normal tensors)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(compact_dirs["teacher"], dtype=torch.float32)
@@ -185,12 +186,13 @@ def test_generation_is_lean_and_unchanged(compact_dirs, monkeypatch):
     finally:
         hook.remove()
         eos.remove()
-    assert seen["processors"] == ["TemperatureLogitsWarper"]
+    assert seen["processors"] == ["SampledLogprobs", "TemperatureLogitsWarper"]
     assert seen["inference"] and all(seen["inference"])
     assert out.completion_mask.sum(-1).tolist() == [1] * 6
     enc = tok([p for p in prompts for _ in range(3)], add_special_tokens=False, padding=True, padding_side="left")
     assert out.prompt_ids.tolist() == enc["input_ids"] and out.prompt_mask.tolist() == enc["attention_mask"]
     assert not out.completion_ids.is_inference() and not out.prompt_ids.is_inference()
+    assert out.logprobs is not None and not out.logprobs.is_inference()
 
 
 def _peak_bytes(fn) -> int:
@@ -221,3 +223,54 @@ def test_entropy_holds_no_full_logit_fp32_copy():
 
     assert _peak_bytes(full) >= 2.5 * size
     assert _peak_bytes(lambda: token_entropy(logits, T, chunk_elements=2**14)) < 0.3 * size
+
+
+class _RowCounter(torch.nn.Module):
+    """Counts the token rows × columns each forward runs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.tokens = model, 0
+
+    def forward(self, **kwargs):
+        self.tokens += kwargs["input_ids"].numel()
+        return self.model(**kwargs)
+
+
+@pytest.mark.parametrize("engine", ["hf", "cb"])
+def test_rollout_logprobs_from_the_sampler_equal_the_forward_and_skip_it(teacher_model, tokenizer, engine):
+    """μ = 1 and log-probs recorded by the sampler at the loss temperature: the rollout's policy log-probs (the RLT
+    reward's teacher side) equal the no-grad forward's (1e-5) and cost only the prompt tails of the distinct prompts;
+    μ > 1, another temperature, a filtered sampler or `sampler_logprobs=False` take the forward."""
+    from types import SimpleNamespace
+
+    from rlt_pl.generation_cb import ContinuousBatchingEngine
+
+    make = HFGenerationEngine if engine == "hf" else ContinuousBatchingEngine
+    prompts = ["What is 1 + 2? Think about it step by step", "the sum of 12 and 7"]
+    torch.manual_seed(0)
+    gen = make().generate(teacher_model, tokenizer, prompts, 3, SamplingConfig(max_new_tokens=24, temperature=0.7))
+    counter = _RowCounter(teacher_model)
+    host = SimpleNamespace(
+        model=counter,
+        device=torch.device("cpu"),
+        token_budget=None,
+        loss_temperature=0.7,
+        sampler_logprobs=True,
+        num_iterations=1,
+    )
+    host.policy_logprobs = lambda g, t: GRPOModule.policy_logprobs(host, g, t)
+    fast = GRPOModule.rollout_logprobs(host, gen)
+    fast_tokens, counter.tokens = counter.tokens, 0
+    slow = GRPOModule.rollout_logprobs(SimpleNamespace(**{**vars(host), "sampler_logprobs": False}), gen)
+    assert fast.shape == slow.shape
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    assert fast_tokens <= 2 * gen.prompt_ids.shape[1] < counter.tokens  # two distinct prompts, no completion columns
+    for change in ({"num_iterations": 2}, {"loss_temperature": 1.0}):
+        counter.tokens = 0
+        GRPOModule.rollout_logprobs(SimpleNamespace(**{**vars(host), **change}), gen)
+        assert counter.tokens > 2 * gen.prompt_ids.shape[1], change
+    filtered = make().generate(teacher_model, tokenizer, prompts, 3, SamplingConfig(max_new_tokens=8, top_p=0.9))
+    counter.tokens = 0
+    GRPOModule.rollout_logprobs(host, filtered)
+    assert counter.tokens > 2 * filtered.prompt_ids.shape[1]

@@ -71,3 +71,56 @@ def test_a_mask_with_holes_keeps_the_mask(teacher_model) -> None:
     spy = Spy(teacher_model)
     causal_logprobs(spy, ids, attn, temperature=0.7)
     assert spy.masks == [True]
+
+
+def _policy_batch(prompt_lens, comp_lens, width_p, width_c):
+    """[left-padded prompt ‖ right-padded completion] rows, as GRPO's generation buffer holds them."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, 500, (len(prompt_lens), width_p + width_c))
+    attn = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompt_lens, comp_lens)):
+        attn[i, width_p - p : width_p + c] = 1
+    ids[attn == 0] = 0
+    return ids, attn
+
+
+@pytest.mark.parametrize(("prompt_lens", "shifted"), [((6, 6, 5), True), ((6, 2, 4), False)])
+def test_policy_forward_shifts_rows_when_cheap_and_matches_the_masked_forward(teacher_model, prompt_lens, shifted):
+    """GRPO's loss forward: log-probs, entropies and gradients of the shifted (mask-free) layout equal the masked
+    forward's; a prompt-length spread over comp_len / 8 keeps the mask (the LM head would cover the spread)."""
+    from types import SimpleNamespace
+
+    from rlt_pl.modules.grpo import GRPOModule
+
+    ids, attn = _policy_batch(prompt_lens, (12, 16, 9), 6, 16)
+    comp_mask = attn[:, 6:].bool()
+    results, masks = [], []
+    for force_masked in (False, True):
+        teacher_model.zero_grad()
+        spy = Spy(teacher_model)
+        host = SimpleNamespace(model=spy, loss_temperature=0.7)
+        if force_masked:
+            lp, h = _masked_reference(teacher_model, ids, attn, 6)
+        else:
+            lp, h = GRPOModule._completion_logprobs(host, ids, attn, 6, entropy=True)
+            masks.append(spy.masks)
+        (lp * comp_mask).sum().backward()
+        grads = [p.grad.clone() for p in teacher_model.parameters() if p.grad is not None]
+        results.append((lp, h, grads))
+    assert masks[0] == [not shifted]
+    (lp1, h1, g1), (lp2, h2, g2) = results
+    torch.testing.assert_close(lp1 * comp_mask, lp2 * comp_mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h1 * comp_mask, h2 * comp_mask, atol=1e-5, rtol=0)
+    assert g1 and len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _masked_reference(model, ids, attn, prompt_cols):
+    from rlt_pl.grpo import token_entropy
+    from rlt_pl.rewards import token_logprobs
+
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+    lp = token_logprobs(logits, ids, 0.7)[:, prompt_cols:]
+    return lp, token_entropy(logits[:, prompt_cols - 1 : -1], 0.7)

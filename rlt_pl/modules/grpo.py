@@ -31,7 +31,7 @@ from rlt_pl.modules.base import CausalLMModule, markdown_table
 from rlt_pl.modules.grpo_reward import Reward, RewardResult, TaskReward
 from rlt_pl.rewards import token_logprobs
 from rlt_pl.rng import collect_rng_states, restore_rng_states
-from rlt_pl.scoring import causal_logprobs
+from rlt_pl.scoring import causal_logprobs, contiguous_lead, shift_to_front
 
 
 def sequences(gen: GenerationOutput, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -60,6 +60,10 @@ class GRPOModule(CausalLMModule):
         unbias_logprobs: divide logits by the sampling temperature for policy/reference log-probs (paper: true).
         advantage_scale: `std` (paper) or `none` (Dr. GRPO).
         token_budget: tokens per chunk of the no-grad policy/reference forwards.
+        sampler_logprobs: with μ = 1, take the completions' policy log-probs (the RLT reward's teacher side) from the
+            sampler when the engine recorded them at the loss temperature (`GenerationOutput.logprobs`; plain
+            tempered sampling), instead of a no-grad policy forward over every completion: one forward less per
+            step, equal to it up to decode-vs-prefill kernel rounding (1e-5 in fp32). False: always the forward.
         max_nonfinite_steps: skipped steps with non-finite loss/reward tolerated before the run stops.
         sample_table_every_n_steps: write a text table of samples to TensorBoard every N steps (0: never).
         val_num_generations: samples per prompt in `validate` (mean reward on held-out prompts).
@@ -78,6 +82,7 @@ class GRPOModule(CausalLMModule):
         unbias_logprobs: bool = True,
         advantage_scale: str = "std",
         token_budget: int = 65536,
+        sampler_logprobs: bool = True,
         max_grad_norm: float | None = 1.0,
         max_nonfinite_steps: int = 10,
         sample_table_every_n_steps: int = 10,
@@ -136,6 +141,7 @@ class GRPOModule(CausalLMModule):
         self.unbias_logprobs = unbias_logprobs
         self.advantage_scale = advantage_scale
         self.token_budget = token_budget
+        self.sampler_logprobs = sampler_logprobs
         self.max_grad_norm = max_grad_norm
         self.max_nonfinite_steps = max_nonfinite_steps
         self.sample_table_every_n_steps = sample_table_every_n_steps
@@ -170,8 +176,8 @@ class GRPOModule(CausalLMModule):
         t, budget = self.loss_temperature, self.token_budget
         if self.reference == "adapter":
             with reference_mode(self.model):
-                return causal_logprobs(self.model, ids, attn, t, budget, last_n)
-        return causal_logprobs(self.ref_model, ids, attn, t, budget, last_n)
+                return causal_logprobs(self.model, ids, attn, t, budget, last_n, share_prefix=True)
+        return causal_logprobs(self.ref_model, ids, attn, t, budget, last_n, share_prefix=True)
 
     # ---------------------------------------------------------------- prompts and reward
     def build_prompt(self, row: dict) -> str:
@@ -194,10 +200,27 @@ class GRPOModule(CausalLMModule):
     @torch.no_grad()
     def policy_logprobs(self, gen: GenerationOutput, temperature: float) -> Tensor:
         """No-grad policy log-probs of `[prompt ‖ completion]`: the completion plus a prompt tail (the RLT reward
-        scores the explanation padding that ends the prompt); earlier columns are 0."""
+        scores the explanation padding that ends the prompt); earlier columns are 0. A group's shared prompt runs
+        once per chunk (`share_prefix`: no-grad, so the KV cache is built even under gradient checkpointing)."""
         ids, attn = sequences(gen, self.device)
         last_n = gen.completion_ids.shape[1] + PROMPT_TAIL_TOKENS
-        return causal_logprobs(self.model, ids, attn, temperature, self.token_budget, last_n=last_n)
+        return causal_logprobs(self.model, ids, attn, temperature, self.token_budget, last_n=last_n, share_prefix=True)
+
+    def rollout_logprobs(self, gen: GenerationOutput) -> Tensor:
+        """Policy log-probs of `[prompt ‖ completion]` at the loss temperature for the reward (and μ > 1's ratio).
+
+        With `sampler_logprobs`, μ = 1 and log-probs the engine recorded at that temperature, the completion columns
+        are the sampler's and only the prompt tail is scored, once per distinct prompt; else `policy_logprobs`."""
+        t = self.loss_temperature
+        recorded = gen.logprobs is not None and gen.logprobs_temperature is not None
+        if not (self.sampler_logprobs and self.num_iterations == 1 and recorded and gen.logprobs_temperature == t):
+            return self.policy_logprobs(gen, t)
+        rows = torch.cat([gen.prompt_ids, gen.prompt_mask], 1)
+        unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        width = gen.prompt_ids.shape[1]
+        ids, attn = unique[:, :width].to(self.device), unique[:, width:].to(self.device)
+        tail = causal_logprobs(self.model, ids, attn, t, self.token_budget, last_n=PROMPT_TAIL_TOKENS)
+        return torch.cat([tail[inverse.to(self.device)], gen.logprobs.to(self.device)], 1)
 
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()
@@ -214,7 +237,7 @@ class GRPOModule(CausalLMModule):
         gen = self.generate(prompts, n, sampling)
         t1 = time.perf_counter()
         ids, attn = sequences(gen, self.device)
-        policy_lp = self.policy_logprobs(gen, self.loss_temperature) if self.needs_policy_logprobs() else None
+        policy_lp = self.rollout_logprobs(gen) if self.needs_policy_logprobs() else None
         ref_lp = self.reference_logprobs(ids, attn, last_n=gen.completion_ids.shape[1])
         t2 = time.perf_counter()
         repeated = [r for r in rows for _ in range(n)]
@@ -291,7 +314,11 @@ class GRPOModule(CausalLMModule):
         over ranks, so every rank runs the same number of micro-batches (the same collectives). `measure`: also
         collect the logged-only per-micro-batch stats into `stats` (loss parts, KL, clip fraction, entropy)."""
         n = len(adv)
-        order = torch.randperm(n).tolist()
+        # the gradient is accumulated over the whole buffer before the step, so micro-batch composition does not
+        # change it: rows sorted by (prompt length, total length) keep padding and the prompt-length spread small
+        lengths = buf["attn"].sum(-1).tolist()
+        prompts = buf["gen"].prompt_mask.sum(-1).tolist()
+        order = sorted(range(n), key=lambda i: (prompts[i], lengths[i]))
         rows = self.micro_batch_size
         if self.micro_batch_tokens is not None:
             rows = max(1, min(rows, self.micro_batch_tokens // width))
@@ -325,20 +352,49 @@ class GRPOModule(CausalLMModule):
         hi = max(int(used.max()) + 1, prompt_len + 1)
         ids, attn = ids[:, lo:hi], attn[:, lo:hi]
         comp_len = hi - prompt_len
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        # use_cache=False: no KV cache is built (and kept alive until backward) for a forward that has no next step
-        logits = self.model(
-            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=comp_len + 1, use_cache=False
-        ).logits
-        lp = token_logprobs(logits, ids[:, -(comp_len + 1) :], self.loss_temperature)[:, 1:]  # [b, C]
+        lp, h = self._completion_logprobs(ids, attn, prompt_len - lo, entropy)
         mask = buf["gen"].completion_mask[idx][:, :comp_len].to(self.device).bool()
         old = buf["old_lp"][idx][:, prompt_len:hi] if buf["old_lp"] is not None and self.num_iterations > 1 else None
         ref = buf["ref_lp"][idx][:, prompt_len:hi] if buf["ref_lp"] is not None else None
         out = policy_loss(lp, old, ref, adv[idx], mask, self.loss_config)
-        if entropy:
-            h = token_entropy(logits[:, :-1], self.loss_temperature)  # [b, C], logged only: fp32 chunks, no grad
+        if h is not None:
             out.metrics["entropy"] = (h * mask).sum() / mask.sum().clamp(min=1)
         return out
+
+    def _completion_logprobs(
+        self, ids: Tensor, attn: Tensor, prompt_cols: int, entropy: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Policy log-probs (with grad) of the completion columns `[prompt_cols, W)` of `[prompt ‖ completion]` rows,
+        and their logged-only entropy when `entropy`. Both `[b, W - prompt_cols]`.
+
+        Rows are shifted so each starts at column 0 and the model runs with neither attention mask nor position ids
+        (exact under causal attention; either argument makes transformers build a `[b, 1, W, W]` mask and on CPU
+        costs ~2.5x in attention, on GPU it rules out the flash kernels). A row's completion then starts at its own
+        column, so the LM head covers the micro-batch's spread of prompt lengths too: the shifted forward is used
+        while that spread is at most `comp_len / 8` extra logits columns (micro-batches are length-sorted), else the
+        masked one."""
+        comp_len = ids.shape[1] - prompt_cols
+        lead = contiguous_lead(attn)
+        spread = int(lead.max() - lead.min()) if lead is not None else None
+        if spread is None or 8 * spread > comp_len:
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            # use_cache=False: no KV cache is built (and kept alive until backward) for a forward that has no next step
+            kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+            logits = self.model(**kw, logits_to_keep=comp_len + 1).logits
+            lp = token_logprobs(logits, ids[:, -(comp_len + 1) :], self.loss_temperature)[:, 1:]  # [b, C]
+            h = token_entropy(logits[:, :-1], self.loss_temperature) if entropy else None  # fp32 chunks, no grad
+            return lp, h
+        prompt_real = prompt_cols - lead  # [b] each row's prompt tokens
+        width = int(attn.sum(-1).max())
+        shifted = shift_to_front(ids, lead)[:, :width]
+        keep = width - int(prompt_real.min()) + 1  # from the logits that score the earliest completion start
+        logits = self.model(input_ids=shifted, logits_to_keep=keep, use_cache=False).logits
+        lp_all = token_logprobs(logits, shifted[:, -keep:], self.loss_temperature)[:, 1:]  # scores cols W-keep+1..
+        cols = prompt_real[:, None] + torch.arange(comp_len, device=ids.device) - (width - keep + 1)
+        cols = cols.clamp(0, keep - 2)  # past a row's end: padding, masked by the caller
+        lp = lp_all.gather(1, cols)
+        h = token_entropy(logits[:, :-1], self.loss_temperature).gather(1, cols) if entropy else None
+        return lp, h
 
     def _clip_and_step(self, opt) -> Tensor:
         """Clip by global norm (FSDP: the sharded model's own `clip_grad_norm_`), then step unless non-finite."""
