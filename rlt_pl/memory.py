@@ -18,7 +18,13 @@ phases of a step (generation, no-grad scoring, the backward micro-step) come and
 - logits: the bf16 `[rows, kept positions, V]` logits, the fp32 chunks autograd keeps for the log-softmax backward,
   the logits' gradient, and the logged-only entropy, which is computed on fp32 chunks of 2**26 values.
 - KV cache of one generate call (`engine.batch_size` sequences of max_prompt_tokens + max_new_tokens) and the prefill
-  of that batch, one decoder layer at a time.
+  of that batch, one decoder layer at a time; the sampler's fp32 logits, warped scores, probabilities and the log-prob
+  recorder's tempered copy of one step.
+- no-grad scoring chunks (`token_budget` tokens): one layer's activations, the kept logits, and the KV cache of the
+  whole chunk, which a chunk sharing its rows' prefix (`causal_logprobs(share_prefix=True)`) holds for every layer
+  while its suffixes run.
+- GRPO's loss forward keeps the logits of `max_new_tokens + 1` positions per row, plus up to 1/8 more for the
+  spread of prompt lengths in a mask-free micro-batch of several rows.
 
 Not counted: allocator fragmentation (keep a few GiB of headroom), CPU-offloaded or paged optimizer states (counted
 as if on the GPU), the data loader. Model shapes come from the checkpoint's `config.json` when it is on disk (a local
@@ -265,6 +271,13 @@ def _world_size(trainer: dict, devices: int | None) -> int:
     return n * int(trainer.get("num_nodes", 1))
 
 
+def _data_ranks(trainer: dict, devices: int | None) -> int:
+    """Processes the global `data.batch_size` is split over (DDP or FSDP alike); 1 when `trainer.devices` is not a
+    number (auto)."""
+    n = devices if devices is not None else trainer.get("devices", 1)
+    return (n if isinstance(n, int) and n >= 1 else 1) * int(trainer.get("num_nodes", 1))
+
+
 def _student_config(config: dict) -> dict | None:
     for cb in (config.get("trainer") or {}).get("callbacks") or []:
         if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("StudentRewardCallback"):
@@ -295,6 +308,7 @@ def predict(config: dict, devices: int | None = None, prompt_tokens: int = 1024)
     act_bytes = 2 if precision.startswith(("bf16", "16")) or dtype != "float32" else 4
     fsdp = "FSDP" in str(trainer.get("strategy", "")) or str(trainer.get("strategy", "")) == "fsdp"
     world = _world_size(trainer, devices) if fsdp else 1
+    ranks = _data_ranks(trainer, devices)  # data.batch_size is the global batch: each rank loads batch_size / ranks
     terms = [Term("CUDA context", "static", CUDA_CONTEXT_BYTES)]
 
     # trained model: weights, adapters, gradients, optimizer
@@ -337,7 +351,7 @@ def predict(config: dict, devices: int | None = None, prompt_tokens: int = 1024)
         terms.append(Term(f"logits + fp32 log-softmax + grad ({rows} x {positions} x V)", "train", logits))
 
     if module_path.endswith(("TeacherSFTModule", "StudentDistillModule")):
-        rows = int(_init_args(config.get("data")).get("batch_size", 1))
+        rows = -(-int(_init_args(config.get("data")).get("batch_size", 1)) // ranks)
         tokens = int(m.get("max_length", 16384))
         train_terms(rows, tokens, tokens)
         return terms
@@ -349,7 +363,7 @@ def predict(config: dict, devices: int | None = None, prompt_tokens: int = 1024)
     prompt = int(sampling.get("max_prompt_tokens") or prompt_tokens)
     seq = prompt + new
     group = int(m.get("num_generations", 64))
-    per_step = group * int(_init_args(config.get("data")).get("batch_size", 1))
+    per_step = group * -(-int(_init_args(config.get("data")).get("batch_size", 1)) // ranks)  # this rank's
     gen_batch = int(_init_args(m.get("engine")).get("batch_size") or per_step)
     terms.append(
         Term(
@@ -363,13 +377,12 @@ def predict(config: dict, devices: int | None = None, prompt_tokens: int = 1024)
             gen_batch * prompt * nograd_layer_bytes(shape, act_bytes),
         )
     )
-    terms.append(Term("sampling logits (fp32, 3 copies)", "generate", 3 * gen_batch * shape.vocab * 4))
+    terms.append(Term("sampling logits (fp32, 4 copies)", "generate", 4 * gen_batch * shape.vocab * 4))
 
     budget = int(m.get("token_budget", 65536))
     rows = max(1, budget // seq)
-    score = rows * seq * nograd_layer_bytes(shape, act_bytes) + logits_nograd_bytes(
-        rows, new + 33, shape.vocab, act_bytes
-    )
+    score = rows * seq * (nograd_layer_bytes(shape, act_bytes) + shape.kv_bytes_per_token(act_bytes))
+    score += logits_nograd_bytes(rows, new + 33, shape.vocab, act_bytes)
     terms.append(Term(f"no-grad policy/reference chunk ({rows} x {seq} tokens)", "score: policy", score))
 
     loss = m.get("loss") or {}
@@ -393,14 +406,14 @@ def predict(config: dict, devices: int | None = None, prompt_tokens: int = 1024)
         s_len = min(int(student.get("max_length") or seq), seq)
         s_budget = int(student.get("token_budget", 65536))
         s_rows = max(1, s_budget // s_len)
-        s_score = s_rows * s_len * nograd_layer_bytes(s_shape, act_bytes)
+        s_score = s_rows * s_len * (nograd_layer_bytes(s_shape, act_bytes) + s_shape.kv_bytes_per_token(act_bytes))
         s_score += logits_nograd_bytes(s_rows, s_len, s_shape.vocab, act_bytes)
         terms.append(Term(f"student scoring chunk ({s_rows} x {s_len} tokens)", "score: student", s_score))
 
     rows = int(m.get("micro_batch_size", 1))
     if m.get("micro_batch_tokens") is not None:
         rows = max(1, min(rows, int(m["micro_batch_tokens"]) // seq))
-    train_terms(rows, seq, new + 1)
+    train_terms(rows, seq, new + 1 + (new // 8 if rows > 1 else 0))
     terms.append(Term("entropy (logged only, one fp32 chunk)", "train", entropy_bytes(shape.vocab)))
     return terms
 

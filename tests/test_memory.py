@@ -135,3 +135,18 @@ def test_token_entropy_matches_the_full_computation():
     torch.testing.assert_close(sliced, ref[:, :-1], atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="temperature"):
         token_entropy(logits, 0.0)
+
+
+def test_the_global_batch_is_split_over_ranks():
+    """`data.batch_size` is the global batch (the loader gives each rank batch_size / world_size rows): the 8-GPU SFT
+    config trains one 16k-token row per GPU, and GRPO generates its share of the step's completions per rank."""
+    sft = {t.name: t.bytes for t in predict(load_config([REPO / "configs/teacher/sft_qwen7b.yaml"]))}
+    assert "activations: checkpointed layer inputs (1 x 16384 tokens)" in sft
+    assert peak_bytes(predict(load_config([REPO / "configs/teacher/sft_qwen7b.yaml"]))) < 48 * GIB
+    rl = load_config([REPO / QLORA_CONFIGS[0]])
+    rl["model"]["init_args"]["engine"]["init_args"]["batch_size"] = None  # one generate call per step
+    group, prompts = rl["model"]["init_args"]["num_generations"], rl["data"]["init_args"]["batch_size"]
+    one = {t.name for t in predict(rl)}
+    rl["data"]["init_args"]["batch_size"] *= 2
+    two_ranks = {t.name for t in predict(rl, devices=2)}
+    assert any(n.startswith(f"KV cache ({group * prompts} x") for n in one) and one == two_ranks
