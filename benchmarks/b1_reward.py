@@ -257,24 +257,17 @@ def bench_config(teacher, student, tokenizer, group: int, n_tokens: int, repeats
     scorer = RLTScorer(student, tokenizer, fmt, config, token_budget=token_budget)
     ids = sampled_ids(tokenizer, p, c)
 
+    def teacher_tokens(lp: torch.Tensor):
+        scored_from = max(0, lp.shape[1] - ids["completion_ids"].shape[1] - PROMPT_TAIL_TOKENS)
+        args = (ids["prompt_ids"], ids["prompt_mask"], ids["completion_ids"], ids["mask"], c, lp)
+        return teacher_logprobs_from_policy(fmt, scorer.offsets, *args, scored_from=scored_from)
+
     def policy_tokens():
         full = torch.cat([ids["prompt_ids"], ids["completion_ids"]], 1)
         attn = torch.cat([ids["prompt_mask"], ids["mask"]], 1)
         last_n = ids["completion_ids"].shape[1] + PROMPT_TAIL_TOKENS  # as `GRPOModule.policy_logprobs`
-        lp = causal_logprobs(
-            teacher, full, attn, config.teacher_temperature, token_budget, last_n=last_n, share_prefix=True
-        )
-        return teacher_logprobs_from_policy(
-            fmt,
-            scorer.offsets,
-            ids["prompt_ids"],
-            ids["prompt_mask"],
-            ids["completion_ids"],
-            ids["mask"],
-            c,
-            lp,
-            scored_from=max(0, full.shape[1] - last_n),
-        )
+        t = config.teacher_temperature
+        return teacher_tokens(causal_logprobs(teacher, full, attn, t, token_budget, last_n=last_n, share_prefix=True))
 
     def sampled():
         return scorer.score(q, s, c, policy_tokens(), teacher, p)
@@ -300,19 +293,7 @@ def bench_config(teacher, student, tokenizer, group: int, n_tokens: int, repeats
     )
 
     def sampler():
-        lp = GRPOModule.rollout_logprobs(host, gen)
-        full_width = lp.shape[1]
-        tokens = teacher_logprobs_from_policy(
-            fmt,
-            scorer.offsets,
-            ids["prompt_ids"],
-            ids["prompt_mask"],
-            ids["completion_ids"],
-            ids["mask"],
-            c,
-            lp,
-            scored_from=max(0, full_width - ids["completion_ids"].shape[1] - PROMPT_TAIL_TOKENS),
-        )
+        tokens = teacher_tokens(GRPOModule.rollout_logprobs(host, gen))
         return scorer.score(q, s, c, tokens, teacher, p)
 
     tokens = policy_tokens()

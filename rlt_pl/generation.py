@@ -323,18 +323,8 @@ class HFGenerationEngine(GenerationEngine):
         width = max(c.shape[1] for c in chunks)
         completion = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
         logprobs = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in lps]) if record else None
-        return finish_output(
-            tokenizer,
-            repeated,
-            prompt_ids,
-            prompt_mask,
-            completion,
-            stops,
-            pad_id,
-            None,
-            logprobs,
-            sampling.temperature,
-        )
+        out = (tokenizer, repeated, prompt_ids, prompt_mask, completion, stops, pad_id)
+        return finish_output(*out, logprobs=logprobs, temperature=sampling.temperature)
 
 
 class SampledLogprobs(LogitsProcessor):

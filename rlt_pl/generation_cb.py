@@ -167,15 +167,5 @@ class ContinuousBatchingEngine(GenerationEngine):
                         f"continuous batching returned {len(row)} log-probs for {len(generated[i])} tokens"
                     )
                 logprobs[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-        return finish_output(
-            tokenizer,
-            repeated,
-            prompt_ids,
-            prompt_mask,
-            completion,
-            stops,
-            pad_id,
-            valid,
-            logprobs,
-            sampling.temperature,
-        )
+        out = (tokenizer, repeated, prompt_ids, prompt_mask, completion, stops, pad_id, valid)
+        return finish_output(*out, logprobs=logprobs, temperature=sampling.temperature)
