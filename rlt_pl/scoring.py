@@ -228,17 +228,6 @@ def _prefix_shared_logprobs(model: torch.nn.Module, ids: Tensor, p: int, k: int,
     return token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:]
 
 
-def only_right_padding(attention_mask: Tensor) -> bool:
-    """Whether every row is real tokens followed by padding only (the student batch; a GRPO group sharing a prompt).
-
-    Then the model can run without an attention mask: under causal attention a real token never sees the padding
-    after it, so its logits are those of the masked forward, while the mask-free path skips building and applying a
-    `[B, 1, L, L]` mask (on CPU the masked SDPA forward costs up to ~1.7x more). Padding positions get garbage logits,
-    which the callers mask out.
-    """
-    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()) and bool(attention_mask[:, 0].all())
-
-
 def scored_suffix(mask: Tensor) -> int | None:
     """Columns from the first masked position to the end: the LM head only runs there (skips the system prompt
     and question, whose `[L, V]` logits dominate memory for a 150k vocabulary). None when nothing is masked."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlt_pl.scoring import causal_logprobs, only_right_padding
+from rlt_pl.scoring import causal_logprobs, contiguous_lead
 
 
 class Spy(torch.nn.Module):
@@ -26,10 +26,10 @@ class Spy(torch.nn.Module):
         return self.model(**kwargs)
 
 
-def test_only_right_padding():
-    assert only_right_padding(torch.tensor([[1, 1, 1], [1, 1, 0]]))
-    assert not only_right_padding(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding
-    assert not only_right_padding(torch.tensor([[1, 0, 1]]))  # a hole
+def test_contiguous_lead():
+    assert contiguous_lead(torch.tensor([[1, 1, 1], [1, 1, 0]])).tolist() == [0, 0]  # right padding
+    assert contiguous_lead(torch.tensor([[1, 1, 1], [0, 1, 1], [0, 1, 0]])).tolist() == [0, 1, 1]  # left / both
+    assert contiguous_lead(torch.tensor([[1, 0, 1]])) is None  # a hole
 
 
 def _rows_alone(model, ids, attn, temperature):

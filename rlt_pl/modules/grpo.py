@@ -212,8 +212,8 @@ class GRPOModule(CausalLMModule):
         With `sampler_logprobs`, μ = 1 and log-probs the engine recorded at that temperature, the completion columns
         are the sampler's and only the prompt tail is scored, once per distinct prompt; else `policy_logprobs`."""
         t = self.loss_temperature
-        recorded = gen.logprobs is not None and gen.logprobs_temperature is not None
-        if not (self.sampler_logprobs and self.num_iterations == 1 and recorded and gen.logprobs_temperature == t):
+        recorded = gen.logprobs is not None and gen.logprobs_temperature == t
+        if not (self.sampler_logprobs and self.num_iterations == 1 and recorded):
             return self.policy_logprobs(gen, t)
         rows = torch.cat([gen.prompt_ids, gen.prompt_mask], 1)
         unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
