@@ -25,6 +25,7 @@ from torch import Tensor
 
 from rlt_pl.distributed import pad_forward_calls
 from rlt_pl.formats import RLTFormat
+from rlt_pl.grpo import token_entropy
 from rlt_pl.rewards import (
     RewardConfig,
     RewardOutput,
@@ -152,7 +153,7 @@ class _Chunk:
     def logprobs(self, model: torch.nn.Module, temperature: float) -> Tensor:
         """[rows, k] log-probs of the chunk's last k columns (garbage at padding: the caller masks)."""
         if self.lead is None:  # a row with holes in its mask: the masked forward, positions from the mask
-            return _masked_logprobs(model, self.ids, self.attn, self.k, temperature)
+            return _masked_logprobs(model, self.ids, self.attn, self.k, temperature)[0]
         ids, w, kr = self.shifted, self.width, self.kr
         lp = _prefix_shared_logprobs(model, ids, self.prefix, kr, temperature) if self.prefix > 0 else None
         if lp is None:  # no shared prefix, or the model returned no KV cache (then the prefix forward is wasted)
@@ -186,14 +187,51 @@ def contiguous_lead(attention_mask: Tensor) -> Tensor | None:
     return lead if bool(ok.all()) else None
 
 
-def _masked_logprobs(model: torch.nn.Module, ids: Tensor, attn: Tensor, k: int, temperature: float) -> Tensor:
-    """Log-probs of the last `k` columns with the attention mask and mask-derived positions (rows with holes)."""
+def _masked_logprobs(
+    model: torch.nn.Module, ids: Tensor, attn: Tensor, k: int, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Log-probs of the last `k` columns with the attention mask and mask-derived positions, and the logits they
+    came from (`[b, k + 1, V]`; `[b, k, V]` when k spans the whole width)."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    # use_cache=False: no KV cache is built (and kept alive until backward) for a forward that has no next step
     kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     if k < ids.shape[1]:
         logits = model(**kw, logits_to_keep=k + 1).logits
-        return token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:]
-    return token_logprobs(model(**kw).logits, ids, temperature)
+        return token_logprobs(logits, ids[:, -(k + 1) :], temperature)[:, 1:], logits
+    logits = model(**kw).logits
+    return token_logprobs(logits, ids, temperature), logits
+
+
+def completion_logprobs(
+    model: torch.nn.Module, ids: Tensor, attn: Tensor, prompt_cols: int, temperature: float, entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Differentiable log-probs (GRPO's loss forward) of the completion columns `[prompt_cols, W)` of
+    `[prompt ‖ completion]` rows, and their logged-only entropy when `entropy`. Both `[b, W - prompt_cols]`.
+
+    Rows are shifted so each starts at column 0 and the model runs with neither attention mask nor position ids
+    (exact under causal attention; either argument makes transformers build a `[b, 1, W, W]` mask and on CPU
+    costs ~2.5x in attention, on GPU it rules out the flash kernels). A row's completion then starts at its own
+    column, so the LM head covers the micro-batch's spread of prompt lengths too: the shifted forward is used
+    while that spread is at most `comp_len / 8` extra logits columns (micro-batches are length-sorted), else the
+    masked one."""
+    comp_len = ids.shape[1] - prompt_cols
+    lead = contiguous_lead(attn)
+    spread = int(lead.max() - lead.min()) if lead is not None else None
+    if spread is None or 8 * spread > comp_len:
+        lp, logits = _masked_logprobs(model, ids, attn, comp_len, temperature)
+        h = token_entropy(logits[:, :-1], temperature) if entropy else None  # fp32 chunks, no grad
+        return lp, h
+    prompt_real = prompt_cols - lead  # [b] each row's prompt tokens
+    width = int(attn.sum(-1).max())
+    shifted = shift_to_front(ids, lead)[:, :width]
+    keep = width - int(prompt_real.min()) + 1  # from the logits that score the earliest completion start
+    logits = model(input_ids=shifted, logits_to_keep=keep, use_cache=False).logits
+    lp_all = token_logprobs(logits, shifted[:, -keep:], temperature)[:, 1:]  # scores cols W-keep+1..
+    cols = prompt_real[:, None] + torch.arange(comp_len, device=ids.device) - (width - keep + 1)
+    cols = cols.clamp(0, keep - 2)  # past a row's end: padding, masked by the caller
+    lp = lp_all.gather(1, cols)
+    h = token_entropy(logits[:, :-1], temperature).gather(1, cols) if entropy else None
+    return lp, h
 
 
 def _shared_prefix(ids: Tensor, real: Tensor, first_scored: int) -> int:

@@ -10,7 +10,7 @@ import torch
 import transformers
 from transformers.models.qwen2 import modeling_qwen2
 
-import rlt_pl.modules.grpo as grpo_module
+import rlt_pl.scoring as scoring_module
 from rlt_pl.datamodules.addition import AdditionDataModule
 from rlt_pl.formats import CompactFormat
 from rlt_pl.generation import HFGenerationEngine, SamplingConfig
@@ -48,17 +48,17 @@ def _module(dirs: dict) -> GRPOModule:
 
 
 class EntropyCalls:
-    """Counts `token_entropy` calls of the GRPO module (monkeypatched in)."""
+    """Counts `token_entropy` calls of GRPO's loss forward (`rlt_pl.scoring.completion_logprobs`, monkeypatched in)."""
 
     def __init__(self, monkeypatch) -> None:
         self.calls = 0
-        real = grpo_module.token_entropy
+        real = scoring_module.token_entropy
 
         def counted(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(grpo_module, "token_entropy", counted)
+        monkeypatch.setattr(scoring_module, "token_entropy", counted)
 
 
 def test_entropy_only_on_logging_steps(compact_dirs, monkeypatch):

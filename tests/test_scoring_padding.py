@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlt_pl.scoring import causal_logprobs, contiguous_lead
+from rlt_pl.scoring import causal_logprobs, completion_logprobs, contiguous_lead
 
 
 class Spy(torch.nn.Module):
@@ -88,21 +88,16 @@ def _policy_batch(prompt_lens, comp_lens, width_p, width_c):
 def test_policy_forward_shifts_rows_when_cheap_and_matches_the_masked_forward(teacher_model, prompt_lens, shifted):
     """GRPO's loss forward: log-probs, entropies and gradients of the shifted (mask-free) layout equal the masked
     forward's; a prompt-length spread over comp_len / 8 keeps the mask (the LM head would cover the spread)."""
-    from types import SimpleNamespace
-
-    from rlt_pl.modules.grpo import GRPOModule
-
     ids, attn = _policy_batch(prompt_lens, (12, 16, 9), 6, 16)
     comp_mask = attn[:, 6:].bool()
     results, masks = [], []
     for force_masked in (False, True):
         teacher_model.zero_grad()
         spy = Spy(teacher_model)
-        host = SimpleNamespace(model=spy, loss_temperature=0.7)
         if force_masked:
             lp, h = _masked_reference(teacher_model, ids, attn, 6)
         else:
-            lp, h = GRPOModule._completion_logprobs(host, ids, attn, 6, entropy=True)
+            lp, h = completion_logprobs(spy, ids, attn, 6, 0.7, entropy=True)
             masks.append(spy.masks)
         (lp * comp_mask).sum().backward()
         grads = [p.grad.clone() for p in teacher_model.parameters() if p.grad is not None]

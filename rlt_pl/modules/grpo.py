@@ -25,13 +25,12 @@ from torch import Tensor
 from rlt_pl.datamodules.base import is_padding
 from rlt_pl.distributed import agree_max, all_gather_objects, all_gather_tensor, all_ranks_true, all_reduce_sum, world
 from rlt_pl.generation import GenerationOutput
-from rlt_pl.grpo import PolicyLossConfig, group_advantages, policy_loss, token_entropy
+from rlt_pl.grpo import PolicyLossConfig, group_advantages, policy_loss
 from rlt_pl.models import ModelConfig, load_causal_lm, reference_mode
 from rlt_pl.modules.base import CausalLMModule, markdown_table
 from rlt_pl.modules.grpo_reward import Reward, RewardResult, TaskReward
-from rlt_pl.rewards import token_logprobs
 from rlt_pl.rng import collect_rng_states, restore_rng_states
-from rlt_pl.scoring import causal_logprobs, contiguous_lead, shift_to_front
+from rlt_pl.scoring import causal_logprobs, completion_logprobs
 
 
 def sequences(gen: GenerationOutput, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -352,7 +351,7 @@ class GRPOModule(CausalLMModule):
         hi = max(int(used.max()) + 1, prompt_len + 1)
         ids, attn = ids[:, lo:hi], attn[:, lo:hi]
         comp_len = hi - prompt_len
-        lp, h = self._completion_logprobs(ids, attn, prompt_len - lo, entropy)
+        lp, h = completion_logprobs(self.model, ids, attn, prompt_len - lo, self.loss_temperature, entropy)
         mask = buf["gen"].completion_mask[idx][:, :comp_len].to(self.device).bool()
         old = buf["old_lp"][idx][:, prompt_len:hi] if buf["old_lp"] is not None and self.num_iterations > 1 else None
         ref = buf["ref_lp"][idx][:, prompt_len:hi] if buf["ref_lp"] is not None else None
@@ -360,41 +359,6 @@ class GRPOModule(CausalLMModule):
         if h is not None:
             out.metrics["entropy"] = (h * mask).sum() / mask.sum().clamp(min=1)
         return out
-
-    def _completion_logprobs(
-        self, ids: Tensor, attn: Tensor, prompt_cols: int, entropy: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """Policy log-probs (with grad) of the completion columns `[prompt_cols, W)` of `[prompt ‖ completion]` rows,
-        and their logged-only entropy when `entropy`. Both `[b, W - prompt_cols]`.
-
-        Rows are shifted so each starts at column 0 and the model runs with neither attention mask nor position ids
-        (exact under causal attention; either argument makes transformers build a `[b, 1, W, W]` mask and on CPU
-        costs ~2.5x in attention, on GPU it rules out the flash kernels). A row's completion then starts at its own
-        column, so the LM head covers the micro-batch's spread of prompt lengths too: the shifted forward is used
-        while that spread is at most `comp_len / 8` extra logits columns (micro-batches are length-sorted), else the
-        masked one."""
-        comp_len = ids.shape[1] - prompt_cols
-        lead = contiguous_lead(attn)
-        spread = int(lead.max() - lead.min()) if lead is not None else None
-        if spread is None or 8 * spread > comp_len:
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            # use_cache=False: no KV cache is built (and kept alive until backward) for a forward that has no next step
-            kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
-            logits = self.model(**kw, logits_to_keep=comp_len + 1).logits
-            lp = token_logprobs(logits, ids[:, -(comp_len + 1) :], self.loss_temperature)[:, 1:]  # [b, C]
-            h = token_entropy(logits[:, :-1], self.loss_temperature) if entropy else None  # fp32 chunks, no grad
-            return lp, h
-        prompt_real = prompt_cols - lead  # [b] each row's prompt tokens
-        width = int(attn.sum(-1).max())
-        shifted = shift_to_front(ids, lead)[:, :width]
-        keep = width - int(prompt_real.min()) + 1  # from the logits that score the earliest completion start
-        logits = self.model(input_ids=shifted, logits_to_keep=keep, use_cache=False).logits
-        lp_all = token_logprobs(logits, shifted[:, -keep:], self.loss_temperature)[:, 1:]  # scores cols W-keep+1..
-        cols = prompt_real[:, None] + torch.arange(comp_len, device=ids.device) - (width - keep + 1)
-        cols = cols.clamp(0, keep - 2)  # past a row's end: padding, masked by the caller
-        lp = lp_all.gather(1, cols)
-        h = token_entropy(logits[:, :-1], self.loss_temperature).gather(1, cols) if entropy else None
-        return lp, h
 
     def _clip_and_step(self, opt) -> Tensor:
         """Clip by global norm (FSDP: the sharded model's own `clip_grad_norm_`), then step unless non-finite."""
